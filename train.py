@@ -1,0 +1,533 @@
+"""Train a GPT with SparseBalance: block-sparse attention whose per-sequence budget is tuned at run
+time so that data-parallel ranks finish their step together (DST), fed by sparsity-aware batching
+(SAB). One script for a single process, torchrun on CPUs (gloo, fp32) and torchrun on GPUs (NCCL,
+bf16 autocast, Triton kernels).
+
+    python train.py                                    # CPU: --preset cpu-quick (~3 min); GPU: gpu
+    python train.py --preset cpu-quick --steps 50      # any flag overrides the preset
+    torchrun --standalone --nproc_per_node=2 train.py --preset balance-demo --balance sab+dst
+    torchrun --nnodes=2 --node-rank=0 --nproc-per-node=8 --rdzv-backend=c10d \\
+             --rdzv-endpoint=HOST:29500 train.py --preset gpu       # multi-node (same on node 1)
+    torchrun --standalone --nproc_per_node=2 --max-restarts=3 train.py --resume   # survives a kill
+
+Data: by default the Python standard library's own sources (one file = one document, bytes plus an
+end-of-document id 256); `--data` takes a directory of text files, one text file, or a uint16
+token file (*.bin). A step draws `--batch-size` samples (documents cut to `max_seq_len`), plans
+them across ranks and `--micro` microbatches (batching.py), picks one attention budget per sample
+(balance.py), and runs the rank's microbatches. Gradients are summed by one explicit all-reduce
+after the last microbatch (see `step`), so a rank with nothing to do still takes part and the
+compute time of every rank can be measured without the wait for the slowest one.
+
+Outputs in --out: metrics.jsonl (one JSON line per step and per evaluation), config.json, and
+ckpt.pt (written atomically; `--resume` continues it exactly, and starts fresh when it is absent,
+which is what `torchrun --max-restarts` needs).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import sysconfig
+import time
+import zlib
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from balance import CostModel, OnlineCorrection, tune_budgets
+from batching import SABState, plan_batches
+from model import GPT, GPTConfig
+
+EOS = 256  # end-of-document id; byte ids are 0..255
+
+# ------------------------------------------------------------------------------------------------
+# Presets: values for the flags below and for GPTConfig's fields; explicit flags win.
+PRESETS = {
+    # A tiny model that trains on two CPU cores in about three minutes.
+    "cpu-quick": dict(n_layer=4, n_head=4, n_embd=128, max_seq_len=512, attn_block=64, topk=4,
+                      batch_size=16, micro=0, steps=300, lr=3e-3, warmup=30, eval_every=100,
+                      eval_samples=64, ckpt_every=100),
+    # A larger default for one GPU.
+    "gpu": dict(n_layer=8, n_head=8, n_embd=512, max_seq_len=4096, attn_block=64, topk=16,
+                batch_size=32, micro=0, steps=5000, lr=1e-3, warmup=200, eval_every=500,
+                eval_samples=256, ckpt_every=500),
+    # Long sequences and a narrow model: attention dominates, so budgets move step time (2 CPU ranks).
+    "balance-demo": dict(n_layer=2, n_head=2, n_embd=64, max_seq_len=8192, attn_block=64, topk=8,
+                         batch_size=8, micro=0, steps=20, lr=2e-3, warmup=5, eval_every=20,
+                         eval_samples=8, ckpt_every=0, balance="sab+dst", length_bias=1.0),
+    # Dense vs MoE (same active parameters) vs N-gram embedding (same total parameters as the MoE).
+    "ngram-vs-moe": dict(n_layer=4, n_head=4, n_embd=128, max_seq_len=512, attn_block=64, topk=4,
+                         batch_size=16, micro=0, steps=300, lr=3e-3, warmup=30, eval_every=100,
+                         eval_samples=64, ckpt_every=100, variant="dense"),
+    # The small plain-embedding draft model infer.py uses for speculative decoding.
+    "draft": dict(n_layer=2, n_head=2, n_embd=64, max_seq_len=512, attn_block=64, topk=8,
+                  batch_size=16, micro=0, steps=300, lr=3e-3, warmup=30, eval_every=100,
+                  eval_samples=64, ckpt_every=100, variant="dense"),
+}
+# --balance: (policy for batching.plan_batches, tune budgets with DST?)
+BALANCE = {"none": ("naive", False), "dst": ("naive", True), "lbb": ("lbb", False),
+           "lbb+dst": ("lbb", True), "sab": ("sab", False), "sab+dst": ("sab", True)}
+# Train settings that must match to continue a checkpoint (model fields are compared separately).
+MUST_MATCH = ("data", "seed", "batch_size", "micro", "val_frac", "passkey_frac", "variant")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: cpu-quick, or gpu on CUDA)")
+    a("--data", default=None, help="directory of text files, a text file, or a uint16 token file "
+      "(*.bin); default: this Python's standard library sources")
+    a("--out", default=None, help="output directory (default: out/<preset>)")
+    a("--resume", action="store_true", help="continue OUT/ckpt.pt if it exists, else start fresh")
+    a("--steps", type=int, help="optimizer steps (also the length of the cosine schedule)")
+    a("--batch-size", type=int, help="samples (document chunks) per step, all ranks together")
+    a("--micro", type=int, help="microbatches per rank per step (gradient accumulation); each packs "
+      "documents into one row of at most max_seq_len tokens; 0 = as many as the batch needs")
+    a("--lr", type=float, help="peak learning rate")
+    a("--min-lr-frac", type=float, default=0.1, help="final lr as a fraction of --lr")
+    a("--warmup", type=int, help="linear warmup steps")
+    a("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (never on tables)")
+    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    a("--balance", default="none", help=f"{' | '.join(BALANCE)}: batching policy and DST")
+    a("--anchor", default="mean", help="DST anchor: mean | min | max (paper: mean)")
+    a("--p", type=float, default=0.1, help="DST threshold: coverage may drop by at most this share")
+    a("--cost-model", default="analytic", help="analytic (FLOPs) | profile (measure this device once, "
+      "saved to OUT/cost_model.json) | path to a CostModel JSON (python balance.py --profile PATH)")
+    a("--correction", default="on", help="on | off: scale DST's per-rank predictions by an EMA of "
+      "measured/predicted time (adapts to the machine, but makes budgets depend on timings)")
+    a("--length-bias", type=float, default=0.0, help="0 = draw samples uniformly; 1 = in proportion to "
+      "length (more long documents, the long-context fine-tuning regime)")
+    a("--eval-every", type=int, help="evaluate every N steps (and at the end)")
+    a("--eval-samples", type=int, help="validation samples per evaluation")
+    a("--passkey-frac", type=float, default=0.0, help="share of training samples replaced by "
+      "synthetic passkey documents; > 0 also turns on passkey evaluation")
+    a("--ckpt-every", type=int, help="checkpoint every N steps (0 = only at the end)")
+    a("--val-frac", type=float, default=0.1, help="share of documents held out, chosen by path hash")
+    a("--seed", type=int, default=1337)
+    a("--device", default="auto", help="auto | cpu | cuda")
+    a("--threads", type=int, default=0, help="CPU threads per rank (0 = cores / local ranks)")
+    a("--variant", default=None, help="dense | moe | ngram: the ngram-vs-moe comparison's three models")
+    a("--crash-at-step", type=int, default=0, help="fault injection: the last rank exits at this "
+      "step once (a marker file in --out stops it repeating after a restart)")
+    g = p.add_argument_group("model (GPTConfig fields; default from the preset, else GPTConfig)")
+    for f in dataclasses.fields(GPTConfig):
+        kind = type(f.default) if f.default is not dataclasses.MISSING else str
+        conv = (lambda s: s.lower() in ("1", "true", "yes")) if kind is bool else kind
+        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv, default=None)
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("gpu" if torch.cuda.is_available() and args.device != "cpu" else "cpu-quick")
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    for k, v in PRESETS[args.preset].items():  # the preset fills in what the command line left out
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.out = args.out or os.path.join("out", args.preset)
+    return args
+
+
+def build_config(args):
+    """GPTConfig from preset + flags (+ the ngram-vs-moe variant), validated with clear errors."""
+    if args.balance not in BALANCE:
+        raise ValueError(f"--balance {args.balance!r}: choose one of {', '.join(BALANCE)}")
+    if args.anchor not in ("mean", "min", "max"):
+        raise ValueError(f"--anchor {args.anchor!r}: choose mean, min or max")
+    if not 0 <= args.p < 1 or not 0 <= args.passkey_frac <= 1 or not 0 < args.val_frac < 1:
+        raise ValueError("--p must be in [0, 1), --passkey-frac in [0, 1], --val-frac in (0, 1)")
+    if args.batch_size < 1 or args.micro < 0 or args.steps < 1:
+        raise ValueError("--batch-size and --steps must be at least 1, --micro at least 0")
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(GPTConfig) if getattr(args, f.name) is not None}
+    if kw.get("max_seq_len", 1) % kw.get("attn_block", 1):
+        raise ValueError(f"max_seq_len={kw['max_seq_len']} must be a multiple of attn_block="
+                         f"{kw['attn_block']}: change --max-seq-len or --attn-block")
+    if args.variant not in (None, "dense", "moe", "ngram"):
+        raise ValueError(f"--variant {args.variant!r}: choose dense, moe or ngram")
+    if args.variant:
+        # Dense FFN; MoE with 4 experts of the same width routed top-1 = the same active parameters;
+        # N-gram embedding whose tables hold the MoE's extra parameters = the same total parameters.
+        moe = dict(n_experts=4, expert_topk=1, ngram_n=0)
+        kw.update(dict(dense=dict(n_experts=0, ngram_n=0), moe=moe,
+                       ngram=dict(n_experts=0, ngram_n=3, ngram_k=2))[args.variant])
+        if args.variant == "ngram":  # total params are linear in the table ratio: solve for it
+            target = GPT(GPTConfig(**dict(kw, **moe))).num_params()
+            n1, n2 = (GPT(GPTConfig(**dict(kw, ngram_ratio=r))).num_params() for r in (1.0, 2.0))
+            kw["ngram_ratio"] = round(1.0 + (target - n1) / (n2 - n1), 2)  # non-integer, as the paper advises
+    return GPTConfig(**kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: documents -> samples (chunks) -> microbatches (rows packed with documents)
+
+def load_documents(path, val_frac, max_seq_len):
+    """Read the corpus and split it by a hash of each document's name, which is stable across
+    machines and Python versions (unlike positions or `hash()`). -> (train, val): lists of 1-D uint16
+    arrays ending in EOS."""
+    named = []  # (name, array)
+    if path is None or os.path.isdir(path):
+        root = path or sysconfig.get_paths()["stdlib"]
+        skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"} if path is None else set()
+        for d, dirs, files in os.walk(root):
+            dirs[:] = sorted(x for x in dirs if x not in skip and not x.startswith("."))
+            for f in sorted(files):
+                if (path is None and not f.endswith(".py")) or f.startswith("."):
+                    continue
+                b = open(os.path.join(d, f), "rb").read()
+                if b and b"\0" not in b[:4096]:  # skip empty and binary files
+                    named.append((os.path.relpath(os.path.join(d, f), root), np.frombuffer(b, np.uint8)))
+        named = [(n, np.append(a.astype(np.uint16), EOS)) for n, a in named]
+    elif os.path.isfile(path):
+        if path.endswith(".bin"):  # nanoGPT-style uint16 tokens; documents end at EOS if it occurs
+            toks = np.fromfile(path, dtype=np.uint16)
+            ends = np.flatnonzero(toks == EOS) + 1
+            parts = np.split(toks, ends) if len(ends) else np.array_split(toks, max(1, len(toks) // max_seq_len))
+        else:  # one text file: a stream cut into max_seq_len pieces, so that a split exists
+            b = np.frombuffer(open(path, "rb").read(), np.uint8).astype(np.uint16)
+            parts = [np.append(b[i:i + max_seq_len], EOS) for i in range(0, len(b), max_seq_len)]
+        named = [(str(i), a) for i, a in enumerate(parts) if len(a) >= 2]
+    else:
+        raise FileNotFoundError(f"--data {path}: no such file or directory")
+    if not named:
+        raise FileNotFoundError(f"--data {path or root}: no (non-empty, text) documents found")
+    if max(int(a.max()) for _, a in named) > EOS:
+        raise ValueError(f"--data {path}: token ids above {EOS}; this model has a byte vocabulary")
+    val = [a for n, a in named if zlib.crc32(n.encode()) % 10_000 < val_frac * 10_000]
+    train = [a for n, a in named if zlib.crc32(n.encode()) % 10_000 >= val_frac * 10_000]
+    if not val or not train:  # tiny corpora: hold out the last document, or share the only one
+        train, val = ([a for _, a in named[:-1]], [named[-1][1]]) if len(named) > 1 else ([named[0][1]],) * 2
+    return train, val
+
+
+def chunk(docs, max_seq_len):
+    """Cut documents into samples of at most max_seq_len + 1 tokens (inputs and shifted targets);
+    consecutive chunks overlap by one token so every token is predicted exactly once."""
+    return [d[i:i + max_seq_len + 1] for d in docs for i in range(0, len(d) - 1, max_seq_len)]
+
+
+def passkey_sample(rng, filler, length):
+    """A synthetic retrieval document of `length` + 1 tokens: code filler with a 5-digit key hidden
+    at a random depth, asked for at the end. -> (tokens, positions of the answer digits' targets)."""
+    key = str(rng.integers(10_000, 100_000))
+    needle, ask = f"\n# The passkey is {key}. Remember it.\n", "\n# What is the passkey? The passkey is "
+    n_fill = max(0, length + 1 - len(needle) - len(ask) - len(key) - 1)
+    fill = np.resize(filler, n_fill) if len(filler) else np.full(n_fill, 32, np.uint16)
+    depth = int(rng.integers(0, n_fill + 1))
+    enc = lambda s: np.frombuffer(s.encode(), np.uint8).astype(np.uint16)
+    toks = np.concatenate([fill[:depth], enc(needle), fill[depth:], enc(ask + key), [EOS]]).astype(np.uint16)
+    first = len(toks) - 1 - len(key)  # index of the key's first digit in toks
+    return toks, np.arange(first - 1, first - 1 + len(key))  # targets y[j] = toks[j + 1]
+
+
+def make_microbatch(samples, block, device):
+    """Pack samples into one row [1, T]: each sample padded to a multiple of `block` (padding masked
+    out of the loss), offsets in cu_seqlens. An empty list gives one masked dummy block."""
+    if not samples:
+        z = torch.zeros(1, block, dtype=torch.long, device=device)
+        return z, z, torch.zeros(1, block, device=device), torch.tensor([0, block], dtype=torch.int32, device=device)
+    xs, ys, ms, cu = [], [], [], [0]
+    for s in samples:
+        n = len(s) - 1
+        pad = -n % block
+        xs += [s[:-1], np.zeros(pad, np.uint16)]
+        ys += [s[1:], np.zeros(pad, np.uint16)]
+        ms += [np.ones(n, np.float32), np.zeros(pad, np.float32)]
+        cu.append(cu[-1] + n + pad)
+    t = lambda parts, dt: torch.from_numpy(np.concatenate(parts).astype(dt))[None].to(device)
+    return t(xs, np.int64), t(ys, np.int64), t(ms, np.float32), torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed helpers, checkpoints
+
+def setup_distributed(device_arg):
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them this is a single process."""
+    use_cuda = torch.cuda.is_available() and device_arg != "cpu"
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+    rank, local, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, local, world, device
+
+
+def all_gather_row(values, world, device):
+    """Every rank's list of floats -> tensor [world, len(values)] (float64, on the CPU)."""
+    x = torch.tensor(values, dtype=torch.float64, device=device)
+    if world == 1:
+        return x[None].cpu()
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x)
+    return torch.stack(out).cpu()
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: os.replace is atomic, so a crash mid-write leaves the
+    previous checkpoint intact, never a truncated one."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(s):
+    random.setstate(s["python"]); np.random.set_state(s["numpy"]); torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: validation bits per byte, passkey retrieval by context length and budget
+
+def pack_rows(samples, capacity, block):
+    """Greedy, in order: samples -> rows whose padded lengths sum to at most `capacity`."""
+    rows, cur, used = [], [], 0
+    for s in samples:
+        n = -(-(len(s) - 1) // block) * block
+        if cur and used + n > capacity:
+            rows, cur, used = rows + [cur], [], 0
+        cur, used = cur + [s], used + n
+    return rows + [cur] if cur else rows
+
+
+@torch.no_grad()
+def evaluate(model, val, filler, cfg, args, rank, world, device, ctx):
+    """Validation loss in bits per byte (EOS counted as a byte) at the default budget, and, with
+    --passkey-frac > 0, the share of passkeys whose five digits are all predicted (teacher forced)
+    for contexts of T/4, T/2, T and budgets k0/2, k0, dense. Work is split across ranks."""
+    model.eval()
+    sums = []
+    for row in pack_rows(val, cfg.max_seq_len, cfg.attn_block)[rank::world]:
+        x, y, m, cu = make_microbatch(row, cfg.attn_block, device)
+        with ctx:
+            logits, _ = model(x, y, cu_seqlens=cu, loss_mask=m)  # (1, T, V)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        sums.append(torch.stack([(ce * m.flatten()).sum(), m.sum()]).double())
+    local = torch.stack(sums).sum(0).tolist() if sums else [0.0, 0.0]
+    cells = []
+    if args.passkey_frac > 0:
+        T, k0 = cfg.max_seq_len, cfg.topk
+        cells = [(L, k) for L in (T // 4, T // 2, T) for k in sorted({max(1, k0 // 2), k0, T // cfg.attn_block})]
+        for L, k in cells:
+            hits = 0
+            for trial in range(rank, 8, world):  # 8 fixed documents per cell
+                toks, pos = passkey_sample(np.random.default_rng([args.seed, 99, L, trial]), filler, L)
+                x, y, m, cu = make_microbatch([toks], cfg.attn_block, device)
+                with ctx:
+                    logits, _ = model(x, y, cu_seqlens=cu, topk=k, loss_mask=m)
+                hits += int((logits[0, pos].argmax(-1) == y[0, pos]).all())
+            local.append(hits)
+    tot = all_gather_row(local, world, device).sum(0).tolist()
+    model.train()
+    out = {"val_bpb": tot[0] / max(tot[1], 1) / math.log(2)}
+    out.update({f"passkey_T{L}_k{k}": h / 8 for (L, k), h in zip(cells, tot[2:])})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# One training step
+
+def plan_step(lengths, args, cfg, world, cost, ema, corr):
+    """Who trains on what (batching.py) and at which budget (balance.py). Pure functions of inputs
+    every rank holds, so every rank computes the same plan and budgets without communicating."""
+    policy, dst = BALANCE[args.balance]
+    plan = plan_batches(lengths, world, args.micro or None, policy, cost=ema.cost_fn(cost),
+                        capacity=cfg.max_seq_len, block_size=cfg.attn_block)
+    if dst:
+        budgets = tune_budgets(plan, lengths, cost, anchor=args.anchor, p=args.p, k0=cfg.topk,
+                               block_size=cfg.attn_block, unit="rank",
+                               rank_scale=corr.factors if args.correction == "on" else None).budgets
+    else:  # the default budget, clipped to each sequence's blocks as DST's budgets are
+        budgets = [min(cfg.topk, -(-n // cfg.attn_block)) for n in lengths]
+    return plan, [int(b) for b in budgets]
+
+
+def step(model, params, samples, plan_r, budgets, n_global, rank, world, device, ctx):
+    """Run this rank's microbatches, then sum gradients over ranks. Each microbatch's mean loss is
+    weighted by its share of the global token count, so the summed gradient is that of the mean
+    loss over every token of the step whatever the split. We all-reduce once, by hand, rather than
+    through DDP's hooks: a rank with an empty plan still joins the same single collective (no hang),
+    and the clock stops before it, so `compute` is this rank's own work without waiting for others.
+    -> (sum of token losses, compute seconds)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0, loss_sum = time.perf_counter(), torch.zeros((), device=device, dtype=torch.float64)
+    for micro in plan_r:
+        x, y, m, cu = make_microbatch([samples[i] for i in micro], model.config.attn_block, device)
+        topk = torch.tensor([budgets[i] for i in micro], dtype=torch.long, device=device)
+        with ctx:
+            _, loss = model(x, y, cu_seqlens=cu, topk=topk, loss_mask=m)
+        (loss * (m.sum() / n_global)).backward()
+        lm = getattr(model, "last_losses", {}).get("lm", loss)
+        loss_sum += torch.as_tensor(lm, device=device).detach().double() * m.sum()
+    sync()
+    compute = time.perf_counter() - t0
+    if world > 1:  # one flat buffer: unused parameters (an idle rank, unrouted experts) send zeros
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+    return loss_sum.item(), compute
+
+
+# ------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+    cfg = build_config(args)
+    policy, use_dst = BALANCE[args.balance]
+    rank, local_rank, world, device = setup_distributed(args.device)
+    master = rank == 0
+    print0 = (lambda *a: tqdm.write(" ".join(map(str, a)))) if master else (lambda *a: None)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    # Everything that can fail on bad input fails here, before a checkpoint is touched.
+    train_docs, val_docs = load_documents(args.data, args.val_frac, cfg.max_seq_len)
+    train, val = chunk(train_docs, cfg.max_seq_len), chunk(val_docs, cfg.max_seq_len)
+    val = [val[i] for i in np.linspace(0, len(val) - 1, min(args.eval_samples, len(val))).astype(int)]
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    ckpt = None
+    if os.path.exists(ckpt_path):
+        if not args.resume:
+            raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        bad = [k for k, v in dataclasses.asdict(cfg).items() if ckpt["config"].get(k) != v]
+        bad += [k for k in MUST_MATCH if ckpt["train_config"].get(k) != getattr(args, k)]
+        if bad:
+            raise ValueError(f"{ckpt_path} was written with a different config ({', '.join(bad)} differ): "
+                             "use the same flags to resume, or another --out for a new run")
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = GPT(cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    ema = SABState(cfg.topk, cfg.attn_block)
+    corr = OnlineCorrection(world)
+    if args.cost_model == "analytic":
+        cost = CostModel.analytic(block_size=cfg.attn_block, n_embd=cfg.n_embd, n_head=cfg.n_head)
+    elif args.cost_model == "profile":  # measured once on rank 0, shared through the file system
+        cost_file = os.path.join(args.out, "cost_model.json")
+        if master and not os.path.exists(cost_file):  # a resumed run keeps the table it started with
+            os.makedirs(args.out, exist_ok=True)
+            lens = sorted({max(2 * cfg.attn_block, cfg.max_seq_len >> i) for i in range(4)})
+            ks = [2 ** i for i in range(12) if 2 ** i <= cfg.max_seq_len // cfg.attn_block]
+            CostModel.profile(lengths=lens, budgets=ks, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                              block_size=cfg.attn_block, device=device).save(cost_file)
+        dist.barrier() if world > 1 else None
+        cost = CostModel.load(cost_file)
+    elif os.path.isfile(args.cost_model):
+        cost = CostModel.load(args.cost_model)
+    else:
+        raise FileNotFoundError(f"--cost-model {args.cost_model}: not analytic, profile or a JSON file")
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        ema, start = SABState.from_state_dict(ckpt["sab_state"]), ckpt["step"]
+        corr = ckpt["correction"] if len(ckpt["correction"].factors) == world else corr
+        set_rng_state(ckpt["rng"])
+        print0(f"resumed {ckpt_path} at step {start}")
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        resolved = {"train": vars(args), "model": dataclasses.asdict(cfg), "world_size": world,
+                    "params": model.num_params(), "active_params": model.num_params(active=True),
+                    "train_samples": len(train), "val_samples": len(val)}
+        print0(json.dumps(resolved, indent=1))
+        json.dump(resolved, open(os.path.join(args.out, "config.json"), "w"), indent=1)
+    log = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
+
+    def record(d):
+        if master:
+            log.write(json.dumps(d) + "\n")
+            log.flush()
+
+    def checkpoint(s):
+        if master:
+            save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=opt.state_dict(), step=s,
+                                            rng=rng_state(), data_pos=s * args.batch_size, sab_state=ema.state_dict(),
+                                            correction=corr, config=dataclasses.asdict(cfg), train_config=vars(args)))
+        if world > 1:
+            dist.barrier()  # the checkpoint is complete before any rank moves on (or dies)
+
+    lr_min = args.lr * args.min_lr_frac
+    perm = {}
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, dynamic_ncols=True)
+    for s in bar:
+        if s + 1 == args.crash_at_step and rank == world - 1:
+            marker = os.path.join(args.out, f"crashed_at_{s + 1}")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), 9)  # SIGKILL: what a lost node looks like to torchrun
+        t_step = time.perf_counter()
+        # lr: linear warmup, then cosine down to lr_min at the last step
+        frac = (s - args.warmup) / max(1, args.steps - args.warmup)
+        lr = args.lr * (s + 1) / args.warmup if s < args.warmup else lr_min + 0.5 * (args.lr - lr_min) * (1 + math.cos(math.pi * frac))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # The step's samples: a function of (seed, step) alone, so a resumed run sees the same data.
+        rng = np.random.default_rng([args.seed, s])
+        w = np.array([len(x) for x in train], float) ** args.length_bias
+        ids = rng.choice(len(train), args.batch_size, replace=len(train) < args.batch_size, p=w / w.sum())
+        samples = [train[i] for i in ids]
+        for j in np.flatnonzero(rng.random(args.batch_size) < args.passkey_frac):
+            L = int(rng.integers(cfg.attn_block, cfg.max_seq_len + 1))
+            samples[j] = passkey_sample(rng, train[int(rng.integers(len(train)))], L)[0]
+        lengths = [len(x) - 1 for x in samples]  # input tokens; batching pads them to blocks
+        plan, budgets = plan_step(lengths, args, cfg, world, cost, ema, corr)
+        n_global = float(sum(len(x) - 1 for x in samples))
+
+        loss_sum, compute = step(model, params, samples, plan[rank], budgets, n_global, rank, world, device, ctx)
+        gathered = all_gather_row([loss_sum, compute], world, device)  # [world, 2]
+        loss = gathered[:, 0].sum().item() / n_global
+        times = gathered[:, 1]
+        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        skipped = not (math.isfinite(loss) and torch.isfinite(norm))  # same on every rank: same grads
+        if skipped:
+            print0(f"step {s + 1}: non-finite loss {loss} or grad norm {norm.item()}; update skipped")
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        # Measured balance, fed back into SAB's budget estimates and the cost model's correction.
+        predicted = [cfg.n_layer * sum(cost.predict(lengths[i], budgets[i]) for mb in plan[r] for i in mb)
+                     for r in range(world)]
+        ema.update(lengths, budgets)
+        # DST only compares ranks, so the correction learns each rank's speed relative to the
+        # others: predictions rescaled to the measured total (an analytic model's absolute
+        # seconds can be off by orders of magnitude on a CPU).
+        scale = times.sum().item() / max(sum(predicted), 1e-30)
+        corr.update(times.tolist(), [x * scale for x in predicted])
+        dt = time.perf_counter() - t_step
+        m = dict(step=s + 1, loss=loss, lr=lr, grad_norm=norm.item(), skipped=skipped, step_time=dt,
+                 compute=times.tolist(), imbalance=(times.max() / times.mean().clamp_min(1e-9)).item(),
+                 idle=(times.max() - times).mean().item(), mean_budget=float(np.mean(budgets)), predicted=predicted,
+                 tokens=n_global, tok_s=n_global / dt)
+        record(m)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{m['tok_s']:.0f}", imb=f"{m['imbalance']:.2f}")
+        if (s + 1) % args.eval_every == 0 or s + 1 == args.steps:
+            e = dict(step=s + 1, **evaluate(model, val, val_docs[0], cfg, args, rank, world, device, ctx))
+            record(e)
+            print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in e.items()))
+        if (args.ckpt_every and (s + 1) % args.ckpt_every == 0) or s + 1 == args.steps:
+            checkpoint(s + 1)
+
+    # Replicas must agree bit for bit; a silent divergence is the nastiest data-parallel bug.
+    sums = all_gather_row([sum(p.double().sum().item() for p in params)], world, device)[:, 0]
+    record(dict(step=args.steps, replica_max_diff=(sums.max() - sums.min()).item()))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
