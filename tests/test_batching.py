@@ -1,0 +1,146 @@
+"""batching.py: plan invariants, capacity, LPT bounds, SAB state (pure Python, no model)."""
+import random
+
+import pytest
+
+from balance import CostModel
+from batching import (SABState, check_plan, imbalance, imbalance_report, lbb_cost, padded,
+                      plan_batches)
+
+
+def long_tailed(rng, n):
+    return [max(1, int(256 * rng.paretovariate(1.1))) for _ in range(n)]
+
+
+def assert_invariants(plan, n, world, m, lengths=None, capacity=None, block=64):
+    # independent re-check (not check_plan): exactly once, equal microbatch counts, capacity
+    assert len(plan) == world and all(len(rank) == m for rank in plan)
+    flat = sorted(i for rank in plan for micro in rank for i in micro)
+    assert flat == list(range(n))
+    if capacity is not None:
+        for rank in plan:
+            for micro in rank:
+                assert sum(-(-lengths[i] // block) * block for i in micro) <= capacity
+
+
+CASES = {
+    "random": lambda rng: long_tailed(rng, 37),
+    "all_equal": lambda rng: [1000] * 24,
+    "one_giant": lambda rng: [100] * 15 + [50_000],
+    "fewer_than_slots": lambda rng: [500, 70, 9000],
+    "empty": lambda rng: [],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("policy", ["naive", "lbb", "sab"])
+def test_invariants(case, policy):
+    rng = random.Random(1)
+    lengths = CASES[case](rng)
+    plan = plan_batches(lengths, 4, 3, policy, cost=lambda x: x ** 1.5)
+    assert_invariants(plan, len(lengths), 4, 3)
+    check_plan(plan, len(lengths))
+    assert plan == plan_batches(lengths, 4, 3, policy, cost=lambda x: x ** 1.5)  # deterministic
+
+
+@pytest.mark.parametrize("policy", ["naive", "lbb", "sab"])
+def test_capacity_respected_and_auto_microbatches(policy):
+    rng = random.Random(2)
+    lengths = [rng.randint(1, 2000) for _ in range(60)]
+    plan = plan_batches(lengths, 3, 8, policy, capacity=4096)
+    assert_invariants(plan, 60, 3, 8, lengths, 4096)
+    auto = plan_batches(lengths, 3, None, policy, capacity=4096)
+    m = len(auto[0])
+    assert_invariants(auto, 60, 3, m, lengths, 4096)
+    lower = -(-sum(padded(x, 64) for x in lengths) // (3 * 4096))
+    assert m >= lower
+    if m > lower:  # the automatic choice is the smallest that fits
+        with pytest.raises(ValueError, match="num_microbatches"):
+            plan_batches(lengths, 3, m - 1, policy, capacity=4096)
+
+
+def test_capacity_errors_name_the_fix():
+    with pytest.raises(ValueError, match="crop documents"):
+        plan_batches([100, 5000], 2, 2, "lbb", capacity=4096)
+    with pytest.raises(ValueError, match="raise num_microbatches or capacity"):
+        plan_batches([4000] * 10, 2, 2, "sab", capacity=4096)
+    with pytest.raises(ValueError, match="policy"):
+        plan_batches([1, 2], 2, 2, "random")
+    with pytest.raises(ValueError, match="positive int"):
+        plan_batches([0, 2], 2, 2, "naive")
+    with pytest.raises(ValueError, match="world_size"):
+        plan_batches([1, 2], 0, 2, "naive")
+
+
+def test_naive_is_round_robin_in_data_order():
+    plan = plan_batches(list(range(1, 13)), 3, 4, "naive")
+    for i in range(12):  # slot s = i: rank s % 3, microbatch s // 3
+        assert plan[i % 3][i // 3] == [i]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lpt_within_list_scheduling_bound(seed):
+    rng = random.Random(seed)
+    lengths = long_tailed(rng, 50)
+    world, m = 4, 3
+    for policy, cost in [("lbb", lbb_cost), ("sab", lambda x: 3.0 * x + x * x / 500)]:
+        plan = plan_batches(lengths, world, m, policy, cost=cost)
+        c = [cost(x) for x in lengths]
+        ranks = [sum(c[i] for micro in rank for i in micro) for rank in plan]
+        assert max(ranks) <= sum(c) / world + max(c) + 1e-6
+        for rank, total in zip(plan, ranks):  # level 2, inside each rank
+            biggest = max((c[i] for micro in rank for i in micro), default=0.0)
+            assert max(sum(c[i] for i in micro) for micro in rank) <= total / m + biggest + 1e-6
+
+
+def test_balanced_policies_beat_naive_on_long_tails():
+    wins, naive_sum, lbb_sum = 0, 0.0, 0.0
+    for seed in range(20):
+        rng = random.Random(seed)  # log-normal lengths: long-tailed, yet not one item > all
+        lengths = [max(1, int(rng.lognormvariate(7.0, 0.8))) for _ in range(64)]
+        c = [lbb_cost(x) for x in lengths]
+        a = imbalance(plan_batches(lengths, 8, 2, "naive"), c)["rank"]
+        b = imbalance(plan_batches(lengths, 8, 2, "lbb"), c)["rank"]
+        wins += b <= a
+        naive_sum, lbb_sum = naive_sum + a, lbb_sum + b
+    assert wins == 20 and lbb_sum < 0.8 * naive_sum
+
+
+def test_sab_default_cost_is_analytic_dense():
+    lengths = long_tailed(random.Random(3), 30)
+    cm = CostModel.analytic(block_size=64)
+    explicit = plan_batches(lengths, 3, 2, "sab", cost=lambda x: cm.predict(x, None))
+    assert plan_batches(lengths, 3, 2, "sab") == explicit
+
+
+def test_imbalance_hand_computed():
+    plan = [[[0], [1]], [[2], []]]
+    out = imbalance(plan, [1.0, 3.0, 2.0])
+    assert out["rank"] == pytest.approx(4.0 / 3.0)       # ranks 4, 2
+    assert out["microbatch"] == pytest.approx(3.0 / 2.0)  # non-empty 1, 3, 2
+    assert "1.333 -> 1.333" in imbalance_report(plan, plan, [1.0, 3.0, 2.0])
+
+
+def test_check_plan_rejects_broken_plans():
+    with pytest.raises(ValueError, match="exactly once"):
+        check_plan([[[0, 0]], [[1]]], 2)
+    with pytest.raises(ValueError, match="microbatches"):
+        check_plan([[[0], []], [[1]]], 2)
+
+
+def test_sab_state_ema_and_cost_fn():
+    state = SABState(k0=32, block_size=256, decay=0.5)
+    assert state.budget(100_000) == 32  # nothing seen yet: k0
+    state.update([20_000, 30_000], [10, 30])  # 79 and 118 blocks: buckets 7 and 7
+    assert state.bucket(20_000) == state.bucket(30_000) == 7
+    assert state.ema[7] == pytest.approx(0.5 * 10 + 0.5 * 30)
+    assert state.budget(25_000) == 20 and state.budget(1000) == 32
+    state.update([20_000], [[4], [8]])  # per-layer budgets: averaged over layers (6)
+    assert state.ema[7] == pytest.approx(13.0)
+
+    class Spy:
+        def predict(self, seq_len, topk):
+            return seq_len * 1000 + topk
+    assert state.cost_fn(Spy())(20_000) == 20_000 * 1000 + 13
+    again = SABState.from_state_dict(state.state_dict())
+    assert again.ema == state.ema and again.budget(20_000) == 13
