@@ -126,7 +126,8 @@ class CostModel:
         For each length: a layer's linear work (QKV, output projection, MLP; forward+backward
         on [1, L, n_embd]) and, for each budget, attention.sparse_attention forward+backward on
         [1, n_head, L, head_dim]. Budgets at or above the number of blocks are dense, so they are
-        measured once and reused. Seconds are the minimum over `repeats` after one warm-up.
+        measured once and reused. Seconds are the minimum over `repeats` after one warm-up,
+        made non-decreasing in the budget (running maximum) to remove timing noise.
         attn_fn: replaces attention.sparse_attention (same signature), e.g. in tests.
         """
         import torch
@@ -186,7 +187,9 @@ class CostModel:
                     if budget >= n_blocks:
                         dense = t
                 bar.update(1)
-            attention.append(row)
+            # More blocks never cost less: a running maximum over budgets removes timing noise
+            # that would make a straggler's budget search see a non-monotone curve.
+            attention.append([max(row[:j + 1]) for j in range(len(row))])
         bar.close()
         meta = dict(device=str(torch.cuda.get_device_name(device) if device.type == "cuda"
                                else "cpu"), dtype=str(dtype), n_embd=n_embd, n_head=n_head,
@@ -404,15 +407,28 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", p=0.1, k0=32, coverag
             if lengths[i] not in curves:
                 curves[lengths[i]] = cost_model.curve(lengths[i])
 
-    def load_at(items, k, floors, scale):
-        total = 0.0
-        for i in items:  # budget of sample i at level k: min(blocks, max(k, floor))
+    def level_cost(items, floors, scale, lo, hi):
+        """Load of a unit as a function of the level k in [lo, hi]; sample i runs at budget
+        min(blocks, max(k, floor)). Samples whose budget cannot change on [lo, hi] (already
+        dense, or pinned by their floor) are summed once: the search then loops over the rest."""
+        const, var = 0.0, []
+        for i in items:
             n, f = blocks[i], floors[i]
-            total += curves[lengths[i]](n if k >= n else (f if k < f else k))
-        return scale * total
+            if n <= max(lo, f) or f >= hi:
+                const += curves[lengths[i]](min(n, max(lo, f)))
+            else:
+                var.append((curves[lengths[i]], n, f))
+
+        def cost(k):
+            total = const
+            for c, n, f in var:
+                total += c(n if k >= n else (f if k < f else k))
+            return scale * total
+        return cost
 
     scales = [1.0 if rank_scale is None else float(rank_scale[u[0]]) for u, _ in units]
-    loads_k0 = [load_at(items, k0, layers[0], s) for (_, items), s in zip(units, scales)]
+    loads_k0 = [s * sum(curves[lengths[i]](min(blocks[i], k0)) for i in items)
+                for (_, items), s in zip(units, scales)]
     if loads_k0:
         A = {"mean": sum(loads_k0) / len(loads_k0), "min": min(loads_k0), "max": max(loads_k0)}[anchor]
     else:
@@ -423,8 +439,8 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", p=0.1, k0=32, coverag
     for layer, floors in enumerate(layers):
         out = [0] * S
         for j, ((u, items), s) in enumerate(zip(units, scales)):
-            cost = lambda k: load_at(items, k, floors, s)  # noqa: E731
             if loads_k0[j] > A:  # straggler: search k in [1, k0)
+                cost = level_cost(items, floors, s, 1, k0)
                 if cost(1) > A:  # infeasible: keep the floors, report the miss
                     k = 1
                     shortfalls.append((u, layer if len(layers) > 1 else None, cost(1) - A))
@@ -433,6 +449,7 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", p=0.1, k0=32, coverag
             else:  # at or below the anchor: grow up to the anchor
                 hi = max(blocks[i] for i in items)
                 hi = hi if k_max is None else min(hi, k_max)
+                cost = level_cost(items, floors, s, k0, max(k0, hi))
                 k = k0 if hi <= k0 else (hi if cost(hi) <= A else _largest_within(cost, A, k0, hi))
             for i in items:
                 out[i] = min(blocks[i], max(k, floors[i]))
@@ -645,40 +662,49 @@ def benchmark(cm, k0, p, n=1024, world=64, M=4, repeats=20, seed=0):
     lengths = synthetic_lengths("bimodal", n, rng)
     curves = [synthetic_coverage(-(-x // b), rng.uniform(0.6, 1.4)) for x in lengths]
     state = SABState(k0, b)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         plan = plan_batches(lengths, world, M, "sab", cost=state.cost_fn(cm), block_size=b)
         res = tune_budgets(plan, lengths, cm, "mean", p, k0, coverage=curves, unit="rank")
-        times.append(time.perf_counter() - t)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         state.update(lengths, res.budgets)
-    times.sort()
-    return times[len(times) // 2], imbalance(plan, [cm.predict(x, k0) for x in lengths])
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return med(wall), med(cpu), imbalance(plan, [cm.predict(x, k0) for x in lengths])
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description="SparseBalance cost model, DST and DP x PP simulator. --simulate prints the "
-                    "paper's ablation on synthetic length mixes and the default corpus, with "
-                    "step times SIMULATED from the analytic cost model (not measured); "
-                    "--profile measures a cost table on this device.")
+                    "paper's ablation (baseline, +DST, +SAB, +SAB+DST, +LBB, +LBB+DST) on two "
+                    "SYNTHETIC length mixes and on the default corpus's lengths; its step times "
+                    "are SIMULATED from a cost model through a 1F1B schedule, not measured. "
+                    "--profile measures a cost table on this device (tqdm bar).")
     ap.add_argument("--simulate", action="store_true", help="print the ablation tables")
     ap.add_argument("--profile", metavar="PATH", help="profile a cost table here, save as JSON")
+    ap.add_argument("--cost-model", default="analytic",
+                    help="--simulate: 'analytic' (a 3B-like layer) or a JSON file from --profile")
     ap.add_argument("--steps", type=int, default=100, help="global batches per mix (--simulate)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic mixes")
     ap.add_argument("--p", type=float, default=0.1, help="allowed coverage drop of DST")
     ap.add_argument("--k0", type=int, default=32, help="default budget in blocks")
     ap.add_argument("--block-size", type=int, default=256, help="attention block size (tokens)")
+    ap.add_argument("--dp", type=int, default=2, help="--simulate: data-parallel replicas")
+    ap.add_argument("--pp", type=int, default=4, help="--simulate: pipeline stages (1F1B)")
+    ap.add_argument("--global-batch", type=int, default=16, help="--simulate: sequences per step")
+    ap.add_argument("--n-layer", type=int, default=36, help="--simulate: layers of the model")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
-                    help="profile grid: sequence lengths")
+                    help="--profile grid: sequence lengths (tokens)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
-                    help="profile grid: budgets (blocks)")
-    ap.add_argument("--n-embd", type=int, default=256, help="profile: layer width")
-    ap.add_argument("--n-head", type=int, default=4, help="profile: attention heads")
+                    help="--profile grid: budgets (blocks)")
+    ap.add_argument("--n-embd", type=int, default=256, help="--profile: layer width")
+    ap.add_argument("--n-head", type=int, default=4, help="--profile: attention heads")
+    ap.add_argument("--impl", default="auto", help="--profile: attention implementation")
     args = ap.parse_args(argv)
     if args.profile:
         cm = CostModel.profile(args.lengths, args.budgets, n_embd=args.n_embd, n_head=args.n_head,
-                               block_size=args.block_size)
+                               block_size=args.block_size, impl=args.impl)
         cm.save(args.profile)
         print(f"saved cost table ({len(cm.lengths)} lengths x {len(cm.budgets)} budgets, "
               f"{cm.meta['device']}) to {args.profile}")
@@ -686,35 +712,47 @@ def main(argv=None):
         if not args.profile:
             ap.print_help()
         return
-    b, k0, p = args.block_size, args.k0, args.p
-    # A Qwen2.5-3B-like layer: width 2048, 16 heads of 128, MLP ~ SwiGLU 11008 (ratio 8 here).
-    cm = CostModel.analytic(block_size=b, n_embd=2048, n_head=16, mlp_ratio=8)
-    dp, pp, gb, n_layer = 2, 4, 16, 36
-    print(f"SparseBalance ablation, SIMULATED: step times come from the analytic cost model of a "
-          f"3B-like layer x {n_layer} layers and a 1F1B simulator (no model runs, no GPU); "
-          f"DP {dp} x PP {pp}, global batch {gb}, {gb // dp} microbatches per replica, block {b}, "
-          f"k0 {k0}, anchor mean, p {p}, {args.steps} global batches per mix (seed {args.seed}). "
-          "Synthetic routing-coverage curves (gate mass ~ rank^-alpha, alpha ~ U(0.6, 1.4)). "
-          "Short documents may share a microbatch up to the capacity (the longest document).")
+    if args.global_batch % args.dp:
+        raise ValueError(f"--global-batch {args.global_batch} must be a multiple of --dp {args.dp}")
+    k0, p = args.k0, args.p
+    dp, pp, gb, n_layer = args.dp, args.pp, args.global_batch, args.n_layer
+    unit = "microbatch" if pp > 1 else "rank"
+    if args.cost_model == "analytic":
+        # A Qwen2.5-3B-like layer: width 2048, 16 heads of 128, MLP ~ SwiGLU 11008 (ratio 8).
+        cm = CostModel.analytic(block_size=args.block_size, n_embd=2048, n_head=16, mlp_ratio=8)
+        source = "the analytic cost model of a 3B-like layer (width 2048, 16 heads of 128)"
+    else:
+        cm = CostModel.load(args.cost_model)
+        source = (f"the cost table {args.cost_model} ({cm.kind}, measured on "
+                  f"{cm.meta.get('device', '?')}, width {cm.meta.get('n_embd', '?')})")
+    b = cm.block_size
+    print(f"SparseBalance ablation, SIMULATED: step times come from {source} x {n_layer} layers "
+          f"and a 1F1B simulator (no model runs); DP {dp} x PP {pp}, global batch {gb}, "
+          f"{gb // dp} microbatches per replica, block {b}, k0 {k0}, anchor mean, p {p}, DST unit "
+          f"{unit}, {args.steps} global batches per mix (seed {args.seed}). Synthetic "
+          "routing-coverage curves (gate mass ~ rank^-alpha, alpha ~ U(0.6, 1.4)). Short "
+          "documents may share a microbatch up to the capacity (the longest document).")
     print("imbalance rank = max/mean summed compute of the DP replicas; imbalance mb = max/mean "
-          "over non-empty microbatches; mean budget/coverage over sequences longer than k0 blocks.")
+          "over non-empty microbatches; mean budget/coverage over sequences longer than k0 blocks; "
+          "shortfalls = units still above the anchor at their coverage floor (summed over steps).")
     mixes = [("(a) bimodal, ChatQA2-Long-SFT-like (SYNTHETIC mix)", "bimodal", 65536),
              ("(b) long tail 8K-72K, LongAlign-10k-like (SYNTHETIC mix)", "longtail", 73728)]
     for title, mix, cap in mixes:
         rng = random.Random(args.seed)
         rows = run_ablation(lambda n: synthetic_lengths(mix, n, rng), rng, args.steps, cm, dp, pp,
-                            gb, k0, p, n_layer, cap)
+                            gb, k0, p, n_layer, _pad(cap, b), unit)
         print_table(title, rows)
     corpus = stdlib_lengths(crop=65536)
     rng = random.Random(args.seed)
     rows = run_ablation(lambda n: [rng.choice(corpus) for _ in range(n)], rng, args.steps, cm,
-                        dp, pp, gb, k0, p, n_layer, 65536)
+                        dp, pp, gb, k0, p, n_layer, _pad(65536, b), unit)
     print_table(f"(c) default corpus: {len(corpus)} stdlib .py files of this interpreter, "
                 "bytes = tokens, cropped at 64K", rows)
-    t, imb = benchmark(cm, k0, p)
+    wall, cpu, imb = benchmark(cm, k0, p)
     print(f"\nplanning (sab) + tuning (DST, unit rank, coverage floors) of 1024 sequences on 64 "
-          f"ranks x 4 microbatches: {t * 1e3:.1f} ms (median of 20, this CPU); plan imbalance at "
-          f"k0: rank {imb['rank']:.3f}, microbatch {imb['microbatch']:.3f}")
+          f"ranks x 4 microbatches: {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU (medians of "
+          f"20, this machine); plan imbalance at k0: rank {imb['rank']:.3f}, "
+          f"microbatch {imb['microbatch']:.3f}")
 
 
 if __name__ == "__main__":
