@@ -195,13 +195,208 @@ def routing_coverage(q, k, cu_seqlens=None, block_size=64):
     return total / torch.bincount(seq, minlength=S).clamp(min=1)[:, None].float()
 
 
+# ------------------------------------------------------------------------------ Triton kernels
+# q, k, v, o, do, dq, dk, dv are contiguous [B*H, T, D]: row z starts at z*stride_z, token t at
+# t*stride_t. lse and delta are fp32 [B*H, T]. idx/cnt: the layout, [B*H, NQ, KMAX] and [B*H, NQ].
+# UPCAST (CPU interpreter): compute in fp32 right after each load, as bf16 math is wrong there.
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, K, V, j, offs_m, offs_n, offs_d, stride_t, qk_scale,
+              UPCAST: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+    """One key block of the online softmax (FlashAttention-2, Alg. 1) in the log2 domain."""
+    offs_k = j * BLOCK + offs_n
+    kT = tl.load(K + offs_k[None, :] * stride_t + offs_d[:, None])       # [HEAD_DIM, BLOCK]
+    v = tl.load(V + offs_k[:, None] * stride_t + offs_d[None, :])        # [BLOCK, HEAD_DIM]
+    if UPCAST:
+        kT, v = kT.to(tl.float32), v.to(tl.float32)
+    s = tl.dot(q, kT) * qk_scale                                          # [BLOCK, BLOCK]
+    if CAUSAL:
+        s = tl.where(offs_m[:, None] >= offs_k[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))                                 # [BLOCK]
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])                                       # [BLOCK, BLOCK]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)                 # [BLOCK, HEAD_DIM]
+    return acc, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, IDX, CNT, qk_scale, stride_z, stride_t, T, NQ, KMAX,
+                UPCAST: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    i, z = tl.program_id(0), tl.program_id(1)                 # query block, batch*head
+    zo = z.to(tl.int64) * stride_z                          # 64-bit: B*H*T*D may pass 2^31
+    offs_m = i * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    Q, K, V, O = Q + zo, K + zo, V + zo, O + zo
+    IDX = IDX + (z * NQ + i) * KMAX
+    q = tl.load(Q + offs_m[:, None] * stride_t + offs_d[None, :])         # [BLOCK, HEAD_DIM]
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    n = tl.load(CNT + z * NQ + i)
+    for s in range(0, n - 1):                                 # earlier blocks: no mask needed
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, tl.load(IDX + s), offs_m, offs_n,
+                                  offs_d, stride_t, qk_scale, UPCAST, BLOCK, False)
+    acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, tl.load(IDX + n - 1), offs_m, offs_n,
+                              offs_d, stride_t, qk_scale, UPCAST, BLOCK, True)   # the diagonal
+    o = acc / l_i[:, None]
+    tl.store(O + offs_m[:, None] * stride_t + offs_d[None, :], o.to(O.dtype.element_ty))
+    tl.store(LSE + z * T + offs_m, m_i + tl.log2(l_i))                   # log2 domain
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, i, offs_n, offs_r, offs_d, stride_t, qk_scale,
+               UPCAST: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+    """Add the contribution of query block i to dK, dV of this key block (transposed math)."""
+    offs_m = i * BLOCK + offs_r
+    qT = tl.load(Q + offs_m[None, :] * stride_t + offs_d[:, None])       # [HEAD_DIM, BLOCK]
+    do = tl.load(DO + offs_m[:, None] * stride_t + offs_d[None, :])      # [BLOCK, HEAD_DIM]
+    if UPCAST:
+        qT, do = qT.to(tl.float32), do.to(tl.float32)
+    pT = tl.exp2(tl.dot(k, qT) * qk_scale - tl.load(LSE + offs_m)[None, :])   # [BLOCK_N, BLOCK_M]
+    if CAUSAL:
+        pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do)                                     # [BLOCK, HEAD_DIM]
+    dpT = tl.dot(v, tl.trans(do))                                         # [BLOCK_N, BLOCK_M]
+    dsT = pT * (dpT - tl.load(DELTA + offs_m)[None, :])
+    dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))                          # [BLOCK, HEAD_DIM]
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QIDX, QCNT, sm_scale, qk_scale, stride_z,
+                 stride_t, T, NQ, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    j, z = tl.program_id(0), tl.program_id(1)                 # key block, batch*head
+    zo = z.to(tl.int64) * stride_z                          # 64-bit: B*H*T*D may pass 2^31
+    offs_n = j * BLOCK + tl.arange(0, BLOCK)
+    offs_r = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    Q, DO, LSE, DELTA = Q + zo, DO + zo, LSE + z * T, DELTA + z * T
+    QIDX = QIDX + (z * NQ + j) * NQ
+    k = tl.load(K + zo + offs_n[:, None] * stride_t + offs_d[None, :])   # [BLOCK, HEAD_DIM]
+    v = tl.load(V + zo + offs_n[:, None] * stride_t + offs_d[None, :])
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    dk = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    n = tl.load(QCNT + z * NQ + j)
+    if n > 0:                                # the first (smallest) query block is the diagonal
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, tl.load(QIDX), offs_n, offs_r,
+                            offs_d, stride_t, qk_scale, UPCAST, BLOCK, True)
+    for s in range(1, n):
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, tl.load(QIDX + s), offs_n, offs_r,
+                            offs_d, stride_t, qk_scale, UPCAST, BLOCK, False)
+    out = zo + offs_n[:, None] * stride_t + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty))
+    tl.store(DV + out, dv.to(DV.dtype.element_ty))
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, K, V, j, offs_m, offs_n, offs_d, stride_t, qk_scale,
+             UPCAST: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+    """Add the contribution of key block j to dQ of this query block."""
+    offs_k = j * BLOCK + offs_n
+    kT = tl.load(K + offs_k[None, :] * stride_t + offs_d[:, None])       # [HEAD_DIM, BLOCK]
+    vT = tl.load(V + offs_k[None, :] * stride_t + offs_d[:, None])       # [HEAD_DIM, BLOCK]
+    if UPCAST:
+        kT, vT = kT.to(tl.float32), vT.to(tl.float32)
+    p = tl.exp2(tl.dot(q, kT) * qk_scale - lse[:, None])                  # [BLOCK, BLOCK]
+    if CAUSAL:
+        p = tl.where(offs_m[:, None] >= offs_k[None, :], p, 0.0)
+    ds = p * (tl.dot(do, vT) - delta[:, None])                            # [BLOCK, BLOCK]
+    return dq + tl.dot(ds.to(kT.dtype), tl.trans(kT))                     # [BLOCK, HEAD_DIM]
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, sm_scale, qk_scale, stride_z, stride_t,
+               T, NQ, KMAX, UPCAST: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    i, z = tl.program_id(0), tl.program_id(1)                 # query block, batch*head
+    zo = z.to(tl.int64) * stride_z                          # 64-bit: B*H*T*D may pass 2^31
+    offs_m = i * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    K, V, IDX = K + zo, V + zo, IDX + (z * NQ + i) * KMAX
+    tok = zo + offs_m[:, None] * stride_t + offs_d[None, :]
+    q, do = tl.load(Q + tok), tl.load(DO + tok)                           # [BLOCK, HEAD_DIM]
+    if UPCAST:
+        q, do = q.to(tl.float32), do.to(tl.float32)
+    lse, delta = tl.load(LSE + z * T + offs_m), tl.load(DELTA + z * T + offs_m)   # [BLOCK]
+    dq = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    n = tl.load(CNT + z * NQ + i)
+    for s in range(0, n - 1):
+        dq = _dq_step(dq, q, do, lse, delta, K, V, tl.load(IDX + s), offs_m, offs_n, offs_d,
+                      stride_t, qk_scale, UPCAST, BLOCK, False)
+    dq = _dq_step(dq, q, do, lse, delta, K, V, tl.load(IDX + n - 1), offs_m, offs_n, offs_d,
+                  stride_t, qk_scale, UPCAST, BLOCK, True)
+    tl.store(DQ + tok, (dq * sm_scale).to(DQ.dtype.element_ty))
+
+
+def _transpose_layout(block_idx, block_cnt):
+    """For each key block, the ascending list of query blocks that selected it, and their count:
+    qidx int32 [B*H, NQ, NQ] (padded with 0), qcnt int32 [B*H, NQ]. Built once per backward."""
+    BH, NQ, KMAX = block_idx.shape
+    keep = (torch.arange(KMAX, device=block_idx.device) < block_cnt[..., None]) & (block_idx >= 0)
+    sel = torch.zeros(BH, NQ, NQ + 1, dtype=torch.bool, device=block_idx.device)
+    sel.scatter_(-1, torch.where(keep, block_idx.long(), NQ), True)     # sel[z, i, j]: i uses j
+    selT = sel[..., :NQ].transpose(1, 2)                                  # [BH, key j, query i]
+    qi = torch.arange(NQ, device=block_idx.device)
+    qidx = torch.where(selT, qi, NQ).sort(dim=-1).values                 # selecting blocks first
+    return qidx.masked_fill(qidx == NQ, 0).to(torch.int32).contiguous(), selT.sum(-1, dtype=torch.int32)
+
+
+def _launch_cfg(block, head_dim):
+    """num_warps / num_stages sized for H100 shared memory at D=128."""
+    return dict(num_warps=4 if block * head_dim <= 64 * 128 else 8, num_stages=2)
+
+
+class _TritonBlockSparse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, block_cnt, block_size):
+        B, H, T, D = q.shape
+        NQ = T // block_size
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        idx = block_idx.reshape(B * H, NQ, -1).to(torch.int32).contiguous()
+        cnt = block_cnt.reshape(B * H, NQ).to(torch.int32).contiguous()
+        o = torch.empty_like(q)
+        lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
+        sm_scale = D ** -0.5
+        _fwd_kernel[(NQ, B * H)](q, k, v, o, lse, idx, cnt, sm_scale * 1.4426950408889634,
+                                 T * D, D, T, NQ, idx.shape[-1], UPCAST=not q.is_cuda,
+                                 BLOCK=block_size, HEAD_DIM=D, **_launch_cfg(block_size, D))
+        ctx.save_for_backward(q, k, v, o, lse, idx, cnt)
+        ctx.block_size = block_size
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, idx, cnt = ctx.saved_tensors
+        B, H, T, D = q.shape
+        BS, NQ = ctx.block_size, T // ctx.block_size
+        do = do.contiguous()
+        delta = (o.float() * do.float()).sum(-1).reshape(B * H, T)         # rowsum(o * dO)
+        qidx, qcnt = _transpose_layout(idx, cnt)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        sm_scale = D ** -0.5
+        common = dict(UPCAST=not q.is_cuda, BLOCK=BS, HEAD_DIM=D, **_launch_cfg(BS, D))
+        _dkdv_kernel[(NQ, B * H)](q, k, v, do, dk, dv, lse, delta, qidx, qcnt, sm_scale,
+                                  sm_scale * 1.4426950408889634, T * D, D, T, NQ, **common)
+        _dq_kernel[(NQ, B * H)](q, k, v, do, dq, lse, delta, idx, cnt, sm_scale,
+                                sm_scale * 1.4426950408889634, T * D, D, T, NQ, idx.shape[-1],
+                                **common)
+        return dq, dk, dv, None, None, None
+
+
 # ------------------------------------------------------------------------------ torch path
 def attention_torch(q, k, v, block_idx, block_cnt, block_size, chunk_elems=1 << 25):
     """Block-sparse attention in plain torch: time and memory scale with the budget, not with T^2.
 
-    Each query block gathers only its selected off-diagonal key/value blocks (index_select on K/V
-    viewed as [B*H*NQ, block, D]) and needs no mask inside them; its diagonal block is a separate
-    small matmul with a fixed causal mask. Query blocks are processed in chunks so the score tensor
+    Each query block gathers only its selected key/value blocks (index_select on K/V viewed as
+    [B*H*NQ, block, D]), its diagonal block last, and runs one batched matmul - softmax - matmul.
+    Masks stay small: one flag per gathered block (padding) and one [block, block] causal mask
+    applied in place to the diagonal slot only. Query blocks run in chunks so the score tensor
     stays under `chunk_elems` elements. Differentiable through autograd (the CPU training path)."""
     B, H, T, D = q.shape
     NQ, bs, BH = T // block_size, block_size, B * H
@@ -211,38 +406,26 @@ def attention_torch(q, k, v, block_idx, block_cnt, block_size, chunk_elems=1 << 
     slot = torch.arange(idx.shape[-1], device=q.device)
     valid = (slot < cnt[..., None]) & (idx >= 0)
     has_diag = (valid & (idx == i[:, None])).any(-1)                       # [BH, NQ]
-    # ascending + causal layout: the off-diagonal blocks are the first cnt - has_diag slots
-    n_off = cnt - has_diag.long()
-    width = int(n_off.max()) if n_off.numel() else 0
-    off_ok = slot[:width] < n_off[..., None]                                # [BH, NQ, width]
-    qb = rearrange(q, "b h (n s) d -> (b h) n s d", s=bs)
-    kb = rearrange(k, "b h (n s) d -> (b h) n s d", s=bs)
-    vb = rearrange(v, "b h (n s) d -> (b h) n s d", s=bs)
+    n_off = cnt - has_diag.long()       # ascending + causal: off-diagonal blocks come first
+    width = int(n_off.max()) + 1 if n_off.numel() else 1                   # + the diagonal slot
+    slots = torch.cat([idx[..., :width - 1].clamp(min=0), i.expand(BH, NQ)[..., None]], -1)
+    slot_ok = torch.cat([slot[:width - 1] < n_off[..., None], has_diag[..., None]], -1)
+    flat = (torch.arange(BH, device=q.device)[:, None, None] * NQ + slots)  # [BH, NQ, width]
     causal = torch.ones(bs, bs, dtype=torch.bool, device=q.device).tril()
-    neg = torch.tensor(float("-inf"), device=q.device, dtype=q.dtype)
-    scale = D ** -0.5
-    step = max(1, chunk_elems // max(1, BH * bs * bs * (width + 1)))
+    kb = rearrange(k, "b h (n s) d -> (b h n) s d", s=bs)
+    vb = rearrange(v, "b h (n s) d -> (b h n) s d", s=bs)
+    qb = rearrange(q, "b h (n s) d -> (b h) n s d", s=bs) * D ** -0.5
+    step = max(1, chunk_elems // (BH * bs * bs * width))
     outs = []
     for c0 in range(0, NQ, step):
-        c1 = min(NQ, c0 + step)
-        qc = qb[:, c0:c1] * scale                                           # [BH, C, bs, D]
-        s_diag = qc @ kb[:, c0:c1].transpose(-1, -2)                        # [BH, C, bs, bs]
-        s_diag = s_diag.masked_fill(~(causal & has_diag[:, c0:c1, None, None]), neg)
-        if width == 0:
-            p = torch.softmax(s_diag, dim=-1)
-            outs.append(p @ vb[:, c0:c1])
-            continue
-        rows = torch.arange(BH, device=q.device)[:, None, None] * NQ
-        flat = (rows + idx[:, c0:c1, :width].clamp(min=0)).reshape(-1)     # [BH * C * width]
-        ks = kb.reshape(BH * NQ, bs, D).index_select(0, flat)
-        vs = vb.reshape(BH * NQ, bs, D).index_select(0, flat)
-        ks = rearrange(ks, "(z c w) s d -> z c (w s) d", z=BH, w=width)    # [BH, C, width*bs, D]
-        vs = rearrange(vs, "(z c w) s d -> z c (w s) d", z=BH, w=width)
-        s_off = qc @ ks.transpose(-1, -2)                                   # [BH, C, bs, width*bs]
-        bias = torch.where(off_ok[:, c0:c1], 0.0, float("-inf")).to(q.dtype)
-        s_off = (s_off.unflatten(-1, (width, bs)) + bias[:, :, None, :, None]).flatten(-2)
-        p = torch.softmax(torch.cat([s_off, s_diag], dim=-1), dim=-1)      # one softmax over both
-        outs.append(p[..., :width * bs] @ vs + p[..., width * bs:] @ vb[:, c0:c1])
+        sel = flat[:, c0:c0 + step].reshape(-1)                             # [BH * C * width]
+        ks = rearrange(kb.index_select(0, sel), "(z c w) s d -> z c (w s) d", z=BH, w=width)
+        vs = rearrange(vb.index_select(0, sel), "(z c w) s d -> z c (w s) d", z=BH, w=width)
+        s = qb[:, c0:c0 + step] @ ks.transpose(-1, -2)                      # [BH, C, bs, width*bs]
+        s5 = s.unflatten(-1, (width, bs))                                   # [BH, C, bs, width, bs]
+        s5.masked_fill_(~slot_ok[:, c0:c0 + step, None, :, None], float("-inf"))
+        s5[..., -1, :].masked_fill_(~causal, float("-inf"))                 # diagonal slot only
+        outs.append(torch.softmax(s, dim=-1) @ vs)                          # [BH, C, bs, D]
     o = torch.cat(outs, dim=1)                                              # [BH, NQ, bs, D]
     return rearrange(o, "(b h) n s d -> b h (n s) d", b=B)
 

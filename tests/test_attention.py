@@ -139,7 +139,7 @@ def test_torch_chunking_does_not_change_the_result():
     assert (whole - chunked).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("impl", ["torch", "reference"])
+@pytest.mark.parametrize("impl", ["torch", "reference", "triton"])
 def test_dense_budget_equals_causal_sdpa_per_document(impl):
     B, H, T, D, bs, cu = LAYOUTS["multi_doc"]
     q, k, v, _ = _inputs(B, H, T, D, seed=5)
@@ -155,6 +155,43 @@ def test_torch_two_runs_bitwise_equal():
     q, k, v, do = _inputs(B, H, T, D, seed=6)
     idx, cnt = A.select_blocks(q, k, 2, _cu(cu), bs)
     first, second = (_run("torch", q, k, v, do, idx, cnt, bs) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ------------------------------------------------------------------------------ triton (interpreter)
+# (layout, budget): several documents per row with 1-block documents, B and H > 1, budget 1,
+# budget >= every block, per-sequence budgets. Each case costs a few seconds in the interpreter.
+TRITON_CASES = [("multi_doc", 2), ("multi_doc", "per_seq"), ("one_doc", 1), ("single_blocks", 100),
+                ("one_doc", 100)]
+
+
+@pytest.mark.parametrize("name,topk", TRITON_CASES)
+def test_triton_matches_reference_and_torch_fp32(name, topk):
+    B, H, T, D, bs, cu = LAYOUTS[name]
+    q, k, v, do = _inputs(B, H, T, D, seed=7)
+    if topk == "per_seq":
+        topk = torch.tensor([3, 1, 2, 4, 1, 2, 3][:_n_seq(B, cu)])
+    idx, cnt = A.select_blocks(q, k, topk, _cu(cu), bs)
+    got = _run("triton", q, k, v, do, idx, cnt, bs)
+    _close(got, _run("reference", q, k, v, do, idx, cnt, bs), 1e-5, 1e-6)
+    _close(got, _run("torch", q, k, v, do, idx, cnt, bs), 1e-5, 1e-6)
+
+
+def test_triton_fp16_matches_fp32_reference():
+    B, H, T, D, bs, cu = LAYOUTS["multi_doc"]
+    q, k, v, do = _inputs(B, H, T, D, dtype=torch.float16, seed=8)
+    idx, cnt = A.select_blocks(q, k, 3, _cu(cu), bs)
+    want = _run("reference", *(x.float() for x in (q, k, v, do)), idx, cnt, bs)
+    got = _run("triton", q, k, v, do, idx, cnt, bs)
+    assert all(x.dtype == torch.float16 for x in got)
+    _close(got, want, 1e-2, 1e-3)
+
+
+def test_triton_two_runs_bitwise_equal():
+    B, H, T, D, bs, cu = LAYOUTS["single_blocks"]
+    q, k, v, do = _inputs(B, H, T, D, seed=9)
+    idx, cnt = A.select_blocks(q, k, 2, _cu(cu), bs)
+    first, second = (_run("triton", q, k, v, do, idx, cnt, bs) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
