@@ -615,7 +615,7 @@ def run_ablation(lengths_source, rng, steps, cm, dp, pp, global_batch, k0, p, n_
         for name, policy, dst in configs:
             state = states[name]
             plan = plan_batches(lengths, dp, M, policy, cost=state.cost_fn(cm), capacity=capacity,
-                                block_size=b)
+                                block_size=b, pipeline_stages=pp)
             if dst:
                 res = tune_budgets(plan, lengths, cm, "mean", p, k0, coverage=curves, unit=unit)
                 budgets = res.budgets

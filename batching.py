@@ -7,7 +7,7 @@ function on the same inputs and gets the same plan, so no communication is neede
 Public API (stable):
 
     plan = plan_batches(lengths, world_size, num_microbatches, policy, cost=None, capacity=None,
-                        block_size=64)
+                        block_size=64, pipeline_stages=1)
         -> list[list[list[int]]]: plan[rank][micro] = sample indices (into `lengths`)
     check_plan(plan, num_samples)              -> None, ValueError when an invariant is broken
     imbalance(plan, costs)                     -> {"rank": max/mean, "microbatch": max/mean}
@@ -27,7 +27,8 @@ Policies:
              budget (SABState: an EMA of recent DST budgets per length bucket).
 
 "lbb" and "sab" pack in two levels, both with LPT (longest processing time first): (1) across
-ranks, minimising the largest per-rank sum (a DP rank runs its microbatches one after another),
+ranks, minimising the largest per-rank sum (a DP rank runs its microbatches one after another;
+with pipeline_stages > 1 "sab" minimises the predicted 1F1B time instead, see plan_batches),
 (2) within each rank into `num_microbatches` microbatches, minimising the largest microbatch (a
 pipeline's bubbles grow with its slowest microbatch). Why LPT rather than Karmarkar-Karp: it is
 ten lines, deterministic, takes a per-bin constraint (token capacity) naturally by skipping full
@@ -66,17 +67,22 @@ class _NoFit(Exception):
     """Internal: the packing needs more microbatches (or a larger capacity)."""
 
 
-def _lpt(items, costs, tokens, n_bins, capacity):
+def _lpt(items, costs, tokens, n_bins, capacity, stages=1):
     """LPT: heaviest item first, into the currently lightest bin that still has token room.
 
     items: sample indices; returns (bins: list of lists of indices, loads, token sums).
     A heap keyed by (load, bin) gives the lightest bin in O(log n_bins); bins skipped for lack
     of room are pushed back afterwards. Raises _NoFit when no bin can take an item.
+    stages > 1 (pipelines): "lightest" means the smallest predicted 1F1B time
+    (sum + (stages - 1) * largest item) / stages (the last item of the slowest microbatch drains
+    through every stage). Items come heaviest first, so a bin's largest item never changes
+    after its first and the heap key load + (stages - 1) * first item stays exact.
     """
     order = sorted(items, key=lambda i: (-costs[i], i))
     bins = [[] for _ in range(n_bins)]
     loads = [0.0] * n_bins
     used = [0] * n_bins
+    first = [0.0] * n_bins
     heap = [(0.0, b) for b in range(n_bins)]
     for i in order:
         skipped = []
@@ -87,10 +93,12 @@ def _lpt(items, costs, tokens, n_bins, capacity):
             skipped.append((load, b))
         else:
             raise _NoFit
+        if not bins[b]:
+            first[b] = costs[i]
         bins[b].append(i)
         loads[b] += costs[i]
         used[b] += tokens[i]
-        heapq.heappush(heap, (loads[b], b))
+        heapq.heappush(heap, (loads[b] + (stages - 1) * first[b], b))
         for entry in skipped:
             heapq.heappush(heap, entry)
     return bins, loads, used
@@ -127,11 +135,11 @@ def _plan_naive(n, world_size, m, tokens, capacity):
     return plan
 
 
-def _plan_two_level(n, world_size, m, costs, tokens, capacity):
+def _plan_two_level(n, world_size, m, costs, tokens, capacity, stages):
     # Level 1: across ranks. A rank can hold at most m * capacity tokens (necessary, not
     # sufficient: level 2 may still fail, and then falls back to first-fit decreasing).
     rank_cap = None if capacity is None else m * capacity
-    ranks, _, _ = _lpt(range(n), costs, tokens, world_size, rank_cap)
+    ranks, _, _ = _lpt(range(n), costs, tokens, world_size, rank_cap, stages)
     plan = []
     for items in ranks:
         # Level 2: within the rank, into m microbatches.
@@ -144,7 +152,7 @@ def _plan_two_level(n, world_size, m, costs, tokens, capacity):
 
 
 def plan_batches(lengths, world_size, num_microbatches, policy, cost=None, capacity=None,
-                 block_size=64):
+                 block_size=64, pipeline_stages=1):
     """Split one global batch into plan[rank][micro] = list of sample indices (SparseBalance, SAB).
 
     lengths: tokens per sample. policy: "naive" | "lbb" | "sab" (see the module docstring).
@@ -153,7 +161,9 @@ def plan_batches(lengths, world_size, num_microbatches, policy, cost=None, capac
     uses balance.CostModel.analytic(block_size=block_size) at the dense budget. Ignored by
     "naive" and "lbb" (whose cost is fixed by definition). capacity: max padded tokens per
     microbatch, or None. num_microbatches: microbatches per rank, or None for the smallest
-    number that fits `capacity` (1 without a capacity).
+    number that fits `capacity` (1 without a capacity). pipeline_stages: with "sab" and > 1,
+    level 1 balances the predicted 1F1B time of each data-parallel pipeline instead of its sum
+    of latencies (an addition to the paper; "lbb" keeps WLB-LLM's sum of squares).
     """
     lengths = list(lengths)
     if policy not in POLICIES:
@@ -163,8 +173,9 @@ def plan_batches(lengths, world_size, num_microbatches, policy, cost=None, capac
     if num_microbatches is not None and (not isinstance(num_microbatches, int)
                                          or num_microbatches < 1):
         raise ValueError(f"num_microbatches must be a positive int or None, got {num_microbatches!r}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+    if block_size < 1 or pipeline_stages < 1:
+        raise ValueError(f"block_size and pipeline_stages must be positive, got {block_size}, "
+                         f"{pipeline_stages}")
     for i, length in enumerate(lengths):
         if not isinstance(length, int) or length < 1:
             raise ValueError(f"lengths[{i}] = {length!r}: every length must be a positive int "
@@ -200,7 +211,8 @@ def plan_batches(lengths, world_size, num_microbatches, policy, cost=None, capac
     def build(m):
         if policy == "naive":
             return _plan_naive(len(lengths), world_size, m, tokens, capacity)
-        return _plan_two_level(len(lengths), world_size, m, costs, tokens, capacity)
+        stages = pipeline_stages if policy == "sab" else 1
+        return _plan_two_level(len(lengths), world_size, m, costs, tokens, capacity, stages)
 
     if num_microbatches is not None:
         try:

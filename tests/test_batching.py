@@ -144,3 +144,22 @@ def test_sab_state_ema_and_cost_fn():
     assert state.cost_fn(Spy())(20_000) == 20_000 * 1000 + 13
     again = SABState.from_state_dict(state.state_dict())
     assert again.ema == state.ema and again.budget(20_000) == 13
+
+
+def test_pipeline_aware_level_one_matches_greedy_reference():
+    # with pipeline_stages = P, "sab" gives each sample (heaviest first) to the rank whose
+    # predicted 1F1B time (sum + (P - 1) * largest) / P grows least: a direct O(n * ranks) twin
+    rng = random.Random(4)
+    lengths = [rng.randint(1, 400) for _ in range(40)]
+    cost = lambda x: float(x * x % 997 + 1)  # integer-valued: no rounding ties  # noqa: E731
+    P, world = 4, 3
+    plan = plan_batches(lengths, world, 5, "sab", cost=cost, pipeline_stages=P)
+    total, top, want = [0.0] * world, [0.0] * world, [set() for _ in range(world)]
+    for i in sorted(range(40), key=lambda i: (-cost(lengths[i]), i)):
+        c = cost(lengths[i])
+        r = min(range(world), key=lambda r: ((total[r] + c + (P - 1) * max(top[r], c)) / P, r))
+        total[r], top[r] = total[r] + c, max(top[r], c)
+        want[r].add(i)
+    assert [{i for micro in rank for i in micro} for rank in plan] == want
+    assert plan_batches(lengths, world, 5, "lbb", pipeline_stages=P) == \
+        plan_batches(lengths, world, 5, "lbb")  # LBB keeps WLB-LLM's sum of squares
