@@ -97,6 +97,7 @@ class CostModel:
             b = self.block_size
             self._logl = [math.log(x) for x in self.lengths]
             self._logk = [math.log(x) for x in self.budgets]
+            self._k_brackets = {}  # budget -> (j, u), see curve()
             self._lin_rate = [t / _pad(x, b) for x, t in zip(self.lengths, self.linear)]
             self._att_rate = [[t / visited_blocks(-(-x // b), k) for k, t in zip(self.budgets, row)]
                               for x, row in zip(self.lengths, self.attention)]
@@ -243,13 +244,17 @@ class CostModel:
                         if w else self._lin_rate[i])
         rates = [(1 - w) * a + w * c for a, c in zip(self._att_rate[i], self._att_rate[i + 1])] \
             if w else self._att_rate[i]
-        logk, dense_k = self._logk, self.budgets[-1]
+        logk, dense_k, brackets = self._logk, self.budgets[-1], self._k_brackets
 
         def f(topk):
             kk = dense_k if topk is None else topk  # dense: the largest measured budget's rate
-            j, u = _bracket(logk, math.log(kk))
+            ju = brackets.get(kk)
+            if ju is None:  # memoised per budget: DST probes the same few budgets many times
+                ju = brackets[kk] = _bracket(logk, math.log(kk))
+            j, u = ju
             rate = (1 - u) * rates[j] + u * rates[j + 1] if u else rates[j]
-            return lin + rate * visited_blocks(n, topk)
+            k = n if topk is None or topk >= n else topk
+            return lin + rate * (k * (k + 1) // 2 + (n - k) * k)  # visited_blocks, inlined
         return f
 
     def predict(self, seq_len, topk=None):
@@ -700,11 +705,12 @@ def main(argv=None):
                     help="--profile grid: budgets (blocks)")
     ap.add_argument("--n-embd", type=int, default=256, help="--profile: layer width")
     ap.add_argument("--n-head", type=int, default=4, help="--profile: attention heads")
+    ap.add_argument("--mlp-ratio", type=int, default=4, help="--profile: MLP width / n_embd")
     ap.add_argument("--impl", default="auto", help="--profile: attention implementation")
     args = ap.parse_args(argv)
     if args.profile:
         cm = CostModel.profile(args.lengths, args.budgets, n_embd=args.n_embd, n_head=args.n_head,
-                               block_size=args.block_size, impl=args.impl)
+                               block_size=args.block_size, mlp_ratio=args.mlp_ratio, impl=args.impl)
         cm.save(args.profile)
         print(f"saved cost table ({len(cm.lengths)} lengths x {len(cm.budgets)} budgets, "
               f"{cm.meta['device']}) to {args.profile}")
