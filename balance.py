@@ -73,8 +73,10 @@ class CostModel:
     - "table" (profile/load): measured seconds on a grid of lengths x budgets. predict() splits
       them into a linear part, interpolated as seconds per token in log-length, and an attention
       part, interpolated as seconds per visited block in (log-length, log-budget) and multiplied
-      by visited_blocks(L, k). Exact at grid points; outside the grid the rates are held
-      constant, so the prediction still scales with the work.
+      by visited_blocks(L, k). A budget >= the blocks of L is dense, whatever its value, and
+      uses the dense rate (measured at the first grid budget >= the blocks; cells beyond it
+      must hold the same dense time, as profile() writes them). Exact at grid points; outside
+      the grid the rates are held constant, so the prediction still scales with the work.
     - "analytic": FLOPs over an assumed throughput (see analytic()).
     Documents are padded to a multiple of block_size, so L counts as ceil(L / b) * b tokens.
     """
@@ -95,12 +97,19 @@ class CostModel:
                 raise ValueError("cost table needs strictly increasing lengths and budgets, "
                                  "linear[len(lengths)] and attention[len(lengths)][len(budgets)]")
             b = self.block_size
+            if any(x % b for x in self.lengths):
+                raise ValueError(f"cost table lengths must be multiples of block_size {b} "
+                                 "(documents are padded to whole blocks)")
             self._logl = [math.log(x) for x in self.lengths]
             self._logk = [math.log(x) for x in self.budgets]
             self._k_brackets = {}  # budget -> (j, u), see curve()
             self._lin_rate = [t / _pad(x, b) for x, t in zip(self.lengths, self.linear)]
-            self._att_rate = [[t / visited_blocks(-(-x // b), k) for k, t in zip(self.budgets, row)]
+            self._att_rate = [[t / visited_blocks(x // b, k) for k, t in zip(self.budgets, row)]
                               for x, row in zip(self.lengths, self.attention)]
+            # dense rate per length: at the first budget >= its blocks (the last one if none)
+            self._dense_rate = [rates[min(bisect.bisect_left(self.budgets, x // b),
+                                          len(rates) - 1)]
+                                for x, rates in zip(self.lengths, self._att_rate)]
 
     # -- constructors
     @classmethod
@@ -244,17 +253,20 @@ class CostModel:
                         if w else self._lin_rate[i])
         rates = [(1 - w) * a + w * c for a, c in zip(self._att_rate[i], self._att_rate[i + 1])] \
             if w else self._att_rate[i]
-        logk, dense_k, brackets = self._logk, self.budgets[-1], self._k_brackets
+        dense = self._dense_rate[i] if not w else (
+            (1 - w) * self._dense_rate[i] + w * self._dense_rate[i + 1])
+        dense_time = lin + dense * (n * (n + 1) // 2)
+        logk, brackets = self._logk, self._k_brackets
 
         def f(topk):
-            kk = dense_k if topk is None else topk  # dense: the largest measured budget's rate
-            ju = brackets.get(kk)
+            if topk is None or topk >= n:  # dense causal, however it is asked for
+                return dense_time
+            ju = brackets.get(topk)
             if ju is None:  # memoised per budget: DST probes the same few budgets many times
-                ju = brackets[kk] = _bracket(logk, math.log(kk))
+                ju = brackets[topk] = _bracket(logk, math.log(topk))
             j, u = ju
             rate = (1 - u) * rates[j] + u * rates[j + 1] if u else rates[j]
-            k = n if topk is None or topk >= n else topk
-            return lin + rate * (k * (k + 1) // 2 + (n - k) * k)  # visited_blocks, inlined
+            return lin + rate * (topk * (topk + 1) // 2 + (n - topk) * topk)  # visited_blocks
         return f
 
     def predict(self, seq_len, topk=None):

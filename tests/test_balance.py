@@ -37,10 +37,13 @@ def test_analytic_formula_and_monotonicity():
 
 def random_table(rng, block=64):
     lengths, budgets = [256, 1024, 4096], [1, 2, 8, 32]
+    attention = []
+    for x in lengths:  # as profile() writes it: cells at budgets >= the blocks repeat the dense time
+        row = [rng.uniform(1, 2) * x * k * 1e-7 for k in budgets]
+        d = next((j for j, k in enumerate(budgets) if k >= x // block), len(budgets) - 1)
+        attention.append(row[:d + 1] + [row[d]] * (len(budgets) - d - 1))
     return CostModel("table", block, lengths=lengths, budgets=budgets,
-                     linear=[rng.uniform(1, 2) * x * 1e-6 for x in lengths],
-                     attention=[[rng.uniform(1, 2) * x * k * 1e-7 for k in budgets]
-                                for x in lengths])
+                     linear=[rng.uniform(1, 2) * x * 1e-6 for x in lengths], attention=attention)
 
 
 def test_table_exact_at_grid_points_and_json_round_trip(tmp_path):
@@ -48,6 +51,11 @@ def test_table_exact_at_grid_points_and_json_round_trip(tmp_path):
     for i, L in enumerate(cm.lengths):
         for j, k in enumerate(cm.budgets):
             assert cm.predict(L, k) == pytest.approx(cm.linear[i] + cm.attention[i][j], rel=1e-12)
+    for L in (256, 700, 3000, 9000):  # dense is dense however it is asked for
+        n = -(-L // 64)
+        assert cm.predict(L, None) == cm.predict(L, n) == cm.predict(L, 10 * n)
+    with pytest.raises(ValueError, match="multiples of block_size"):
+        CostModel("table", 64, lengths=[100], budgets=[1], linear=[1.0], attention=[[1.0]])
     path = tmp_path / "cost.json"
     cm.save(path)
     again = CostModel.load(path)
