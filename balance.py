@@ -329,7 +329,7 @@ def coverage_floor(curve, k0, p):
 
     curve: non-decreasing coverage of the best 1, 2, ... blocks (a row of
     attention.routing_coverage); entries past its end count as 1 (every block available)."""
-    c0 = curve[min(k0, len(curve)) - 1] if k0 <= len(curve) else 1.0
+    c0 = curve[k0 - 1] if k0 <= len(curve) else 1.0
     target = (1.0 - p) * c0
     return min(k0, bisect.bisect_left(curve, target - 1e-12) + 1)
 
@@ -339,7 +339,7 @@ class DSTResult:
     """Output of tune_budgets. Loads are predicted seconds of one layer (times rank_scale)."""
     budgets: list      # one int per sample (or [n_layer][S]); clipped to the sample's blocks
     floors: list       # the coverage floor per sample (same shape)
-    anchor: float      # the anchor load A
+    anchor: float      # the anchor load A (of one layer: per-layer tuning shares it)
     units: list        # (rank,) or (rank, micro) per non-empty unit
     loads_k0: list     # per unit, at the default budget k0 (summed over layers)
     loads: list        # per unit, at the tuned budgets (summed over layers)
