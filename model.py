@@ -13,7 +13,7 @@ GPT, decoding cache, then a collision analysis of the n-gram hash.
   load-balancing loss; optional n-gram draft head (the paper proposes it as a nearly free drafter).
 
     python model.py --collisions        # hash collisions on the default corpus (stdlib sources)
-    python model.py --params            # total and active parameters of the PRESETS
+    python model.py --params            # total and active parameters: dense vs MoE vs N-gram
 """
 import argparse
 import math
@@ -106,9 +106,10 @@ class GPTConfig:
         return 4 * self.n_embd if self.mlp == "gelu" else -(-8 * self.n_embd // 3 // 64) * 64
 
 
-# Configurations for the paper's comparison (README): at equal active parameters, spend extra total
-# parameters on more experts ("moe_wide") or on n-gram tables ("ngram_moe"). `python model.py --params`
-PRESETS = {
+# The paper's comparison at equal active parameters (README, `python model.py --params`): spend extra
+# total parameters on experts ("moe", "moe_wide") or on n-gram tables ("ngram", "ngram_moe");
+# "ngram" matches "moe" in total, "ngram_moe" matches "moe_wide". Overrides of GPTConfig's defaults.
+COMPARE = {
     "dense": dict(ngram_n=0),
     "moe": dict(ngram_n=0, n_experts=4, expert_topk=2, ffn_hidden=352),
     "moe_wide": dict(ngram_n=0, n_experts=8, expert_topk=2, ffn_hidden=352),
@@ -376,6 +377,8 @@ class GPT(nn.Module):
         loss = LM cross-entropy over counted tokens (targets != -1 and loss_mask) + moe_aux_weight *
         mean MoE aux loss + draft_weight * draft-head loss; the parts are in `self.last_losses`."""
         cfg = self.config
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be [B, T] token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
         context = None
         if cache is not None:
@@ -563,9 +566,9 @@ def collision_report(max_bytes=4_000_000, vocab=257, multiples=(40, 400), ratios
 
 
 def params_report():
-    """Total and per-token active parameters of the PRESETS (README: equal active vs equal total)."""
+    """Total and per-token active parameters of the COMPARE configurations."""
     print(f"{'preset':>10} {'total':>12} {'active':>12} {'n-gram tables':>14}")
-    for name, kw in PRESETS.items():
+    for name, kw in COMPARE.items():
         model = GPT(GPTConfig(**kw))
         tables = model.embed.tables.weight.numel() if model.config.n_tables else 0
         print(f"{name:>10} {model.num_params():>12,} {model.num_params(active=True):>12,} "
@@ -578,7 +581,7 @@ if __name__ == "__main__":
     ap.add_argument("--max-bytes", type=int, default=4_000_000, help="corpus bytes for --collisions")
     ap.add_argument("--ratios", type=float, nargs="+", default=[10.37, 40.37],
                     help="sub-table ratios for the all-K collision table")
-    ap.add_argument("--params", action="store_true", help="parameter counts of the PRESETS")
+    ap.add_argument("--params", action="store_true", help="parameter counts of the COMPARE configs")
     args = ap.parse_args()
     if args.max_bytes < 1:
         ap.error("--max-bytes must be >= 1")
