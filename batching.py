@@ -49,6 +49,7 @@ Conventions:
 """
 import heapq
 import math
+import numbers
 
 POLICIES = ("naive", "lbb", "sab")
 
@@ -177,9 +178,10 @@ def plan_batches(lengths, world_size, num_microbatches, policy, cost=None, capac
         raise ValueError(f"block_size and pipeline_stages must be positive, got {block_size}, "
                          f"{pipeline_stages}")
     for i, length in enumerate(lengths):
-        if not isinstance(length, int) or length < 1:
+        if not isinstance(length, numbers.Integral) or length < 1:
             raise ValueError(f"lengths[{i}] = {length!r}: every length must be a positive int "
                              "(drop empty documents before batching)")
+    lengths = [int(length) for length in lengths]  # numpy/torch integers -> plain ints
     tokens = [padded(length, block_size) for length in lengths]
     if capacity is not None:
         if capacity < block_size:
