@@ -51,7 +51,8 @@ class GPTConfig:
     ngram_k: int = 2                # K: hashed sub-tables per order
     ngram_ratio: float = 10.37      # sub-table rows m = round(ratio * vocab); keep it away from
                                     # integers and simple fractions (collisions spike there)
-    ngram_amp: str = "sqrt_d"       # embedding amplification: "none" | "sqrt_d" | "layernorm"
+    ngram_amp: str = "sqrt_d"       # amplify the embedding output (plain or n-gram): "none" |
+                                    # "sqrt_d" (times sqrt(n_embd)) | "layernorm"
     ngram_draft_head: bool = False  # linear head on the embedding output that drafts the next token
     draft_weight: float = 0.1       # weight of the draft head's next-token loss
     rope_base: float = 10000.0      # RoPE frequency base
@@ -103,7 +104,7 @@ class GPTConfig:
     def hidden(self):
         if self.ffn_hidden:
             return self.ffn_hidden
-        return 4 * self.n_embd if self.mlp == "gelu" else -(-8 * self.n_embd // 3 // 64) * 64
+        return 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
 
 # The paper's comparison at equal active parameters (README, `python model.py --params`): spend extra
@@ -304,10 +305,9 @@ class MoE(nn.Module):
         x = rearrange(x, "b t d -> (b t) d")
         weights, experts, self.aux_loss = self.route(x)
         out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            tok, slot = torch.where(experts == e)                      # tokens sent to e, which slot
-            if tok.numel():
-                out.index_add_(0, tok, (weights[tok, slot, None] * expert(x[tok])).to(out.dtype))
+        for e, expert in enumerate(self.experts):   # an expert without tokens still runs (on zero
+            tok, slot = torch.where(experts == e)   # rows), so DDP sees a gradient for every weight
+            out.index_add_(0, tok, (weights[tok, slot, None] * expert(x[tok])).to(out.dtype))
         return rearrange(out, "(b t) d -> b t d", b=B)
 
 
@@ -452,7 +452,7 @@ class GPT(nn.Module):
         model = cls(GPTConfig(**ckpt["config"]))
         state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
         model.load_state_dict(state)
-        return model
+        return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
 
 
 # ------------------------------------------------------------------------------ decoding cache
@@ -462,7 +462,8 @@ class KVCache:
     k[l], v[l]: [B, H, max_len, hd] per layer; tokens: [B, max_len] ids written so far (the n-gram
     context of the next token is tokens[:, pos-(N-1):pos], 0 before the start); pos: positions
     filled, equal for all rows. Rolling back rejected draft tokens is `cache.pos = n`: later writes
-    overwrite them, nothing is copied."""
+    overwrite them, nothing is copied. A prefill (pos == 0) attends block-sparsely like training;
+    later steps attend densely to all cached positions (see CausalSelfAttention.forward)."""
 
     def __init__(self, n_layer, batch_size, n_head, head_dim, max_len, device, dtype):
         shape = (batch_size, n_head, max_len, head_dim)

@@ -182,6 +182,11 @@ def test_moe_routing_and_output():
     assert math.isfinite(aux.item())
     ref = torch.stack([sum(w[n, j] * moe.experts[e[n, j]](flat[n]) for j in range(2)) for n in range(9)])
     torch.testing.assert_close(moe(x)[0], ref, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():                                            # route everything to 0 and 1
+        moe.router.weight.zero_()
+        moe.router.weight[:2] = 1.0
+    moe(x.abs()).sum().backward()
+    assert all(p.grad is not None for p in moe.parameters())        # unused experts too (DDP)
 
 
 # ------------------------------------------------------------------------------ parameters
