@@ -8,6 +8,7 @@ accuracy"). This file never runs the model: it only predicts, tunes and simulate
 
     python balance.py --simulate            # ablation tables + planning/tuning benchmark
     python balance.py --profile cost.json   # measure a cost table on this device (tqdm bar)
+    python balance.py --check cost.json     # its error at lengths/budgets it never measured
 
 Public API (stable):
 
@@ -29,6 +30,7 @@ Public API (stable):
                       per-layer coverage); train.py turns it into a LongTensor.
         res.floors, res.anchor, res.units, res.loads_k0, res.loads, res.shortfalls, res.feasible
     coverage_floor(curve, k0, p) -> int
+    check_cost_model(cm, points=None) -> [(length, budget, measured s, predicted s)]
     sim = simulate(latencies, pp=1, fwd_frac=1/3) -> SimResult(step_time, rank_times, compute,
                                                                imbalance, micro_imbalance, bubble)
 
@@ -287,6 +289,30 @@ class CostModel:
             raise ValueError(f"predict needs seq_len >= 1 and topk >= 1 (or None), "
                              f"got {seq_len}, {topk}")
         return self.curve(seq_len)(topk)
+
+
+def check_cost_model(cm, points=None, attn_fn=None, repeats=3, progress=True):
+    """How well does a profiled table predict lengths and budgets it never measured? Measures
+    (length, budget) points exactly as profile() does (same layer shape, from cm.meta) and
+    returns rows (length, budget, measured s, predicted s). Default points: the geometric
+    midpoints between neighbouring grid lengths, each at the midpoints of three budget pairs."""
+    from tqdm import tqdm
+    if cm.kind != "table":
+        raise ValueError("check_cost_model needs a profiled table (CostModel.profile / load)")
+    if points is None:
+        ks = cm.budgets
+        pairs = sorted({j for j in (0, len(ks) // 2 - 1, len(ks) - 2) if 0 <= j < len(ks) - 1})
+        points = [(round(math.sqrt(a * c)), round(math.sqrt(ks[j] * ks[j + 1])))
+                  for a, c in zip(cm.lengths, cm.lengths[1:]) for j in pairs]
+    m = cm.meta
+    rows = []
+    for length, k in tqdm(points, desc="checking cost model", disable=not progress):
+        t = CostModel.profile(lengths=(length,), budgets=(k,), n_embd=m["n_embd"],
+                              n_head=m["n_head"], block_size=cm.block_size,
+                              mlp_ratio=m["mlp_ratio"], repeats=repeats,
+                              impl=m.get("impl", "auto"), attn_fn=attn_fn, progress=False)
+        rows.append((length, k, t.linear[0] + t.attention[0][0], cm.predict(length, k)))
+    return rows
 
 
 def _pad(length, block_size):
@@ -732,6 +758,9 @@ def main(argv=None):
     ap.add_argument("--n-head", type=int, default=4, help="--profile: attention heads")
     ap.add_argument("--mlp-ratio", type=int, default=4, help="--profile: MLP width / n_embd")
     ap.add_argument("--impl", default="auto", help="--profile: attention implementation")
+    ap.add_argument("--check", metavar="PATH",
+                    help="measure off-grid points of the cost table PATH on this device and "
+                         "print measured vs predicted")
     args = ap.parse_args(argv)
     if args.profile:
         cm = CostModel.profile(args.lengths, args.budgets, n_embd=args.n_embd, n_head=args.n_head,
@@ -739,8 +768,22 @@ def main(argv=None):
         cm.save(args.profile)
         print(f"saved cost table ({len(cm.lengths)} lengths x {len(cm.budgets)} budgets, "
               f"{cm.meta['device']}) to {args.profile}")
+    if args.check:
+        cm = CostModel.load(args.check)
+        rows = check_cost_model(cm)
+        print(f"| length | budget | measured (ms) | predicted (ms) | error |  "
+              f"({args.check}, {cm.meta.get('device', '?')})")
+        print("|---|---|---|---|---|")
+        errors = []
+        for length, k, meas, pred in rows:
+            errors.append(abs(pred - meas) / meas)
+            print(f"| {length} | {k} | {meas * 1e3:.2f} | {pred * 1e3:.2f} | "
+                  f"{100 * (pred - meas) / meas:+.1f}% |")
+        errors.sort()
+        print(f"off-grid |error|: median {100 * errors[len(errors) // 2]:.1f}%, "
+              f"max {100 * errors[-1]:.1f}% over {len(errors)} points")
     if not args.simulate:
-        if not args.profile:
+        if not (args.profile or args.check):
             ap.print_help()
         return
     if args.global_batch % args.dp:

@@ -97,6 +97,9 @@ def test_profile_builds_a_table_with_a_stand_in_attention():
     assert cm.attention[0][1] == cm.attention[0][2]
     assert {c[0] for c in calls} == {128, 256} and {c[2] for c in calls} == {64}
     assert cm.predict(256, 2) == pytest.approx(cm.linear[1] + cm.attention[1][1], rel=1e-12)
+    rows = balance.check_cost_model(cm, attn_fn=fake_attention, repeats=1, progress=False)
+    assert [(L, k) for L, k, _, _ in rows] == [(181, 1), (181, 4)]  # geometric midpoints
+    assert all(meas > 0 and pred == cm.predict(L, k) for L, k, meas, pred in rows)
 
 
 def test_coverage_floor_brute_force():
