@@ -1,0 +1,460 @@
+"""
+Generation for the N-gram Embedding GPT: a KV cache plus an n-gram cache, exact speculative
+decoding, and the N-gram drafter (ngram_embedding.md, "Inference").
+
+Sample from a checkpoint written by train.py (bytes stream to stdout as they are produced):
+    python infer.py --ckpt out/ckpt.pt --prompt "def " --max-new-tokens 200
+    python infer.py --ckpt out/ckpt.pt --prompt "import " --temperature 0.8 --top-p 0.95 --seed 1
+Speculative decoding with a small draft model (train.py --preset draft), or with the target's own
+N-gram draft head (no second model at all):
+    python infer.py --ckpt out/ckpt.pt --draft model --draft-ckpt out/draft.pt --gamma 4
+    python infer.py --ckpt out/ckpt.pt --draft ngram --gamma 4
+Benchmark (one table: plain, recompute-everything, speculative with both drafters, gamma 2/4/6):
+    python infer.py --bench --ckpt out/ckpt.pt --draft-ckpt out/draft.pt
+
+Library: `generate(model, idx, max_new_tokens, ...)` and
+`speculative_generate(target, draft, idx, max_new_tokens, gamma=4, ...) -> (tokens, stats)`
+side by side, timed by the same harness (`bench`). Speculative decoding runs one sequence
+(batch size 1), as gpt-fast and most serving engines do per request.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model import GPT
+
+# -----------------------------------------------------------------------------
+# Loading and checking inputs (errors are raised here, at the boundary)
+
+
+def load_model(path, device="cpu"):
+    """Load a GPT from a checkpoint written by train.py ({"model": state_dict, "config": ...})."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r}; pass --ckpt with a file written "
+                                f"by train.py (e.g. out/ckpt.pt)")
+    model = GPT.from_checkpoint(path, map_location=device)
+    return model.to(device).eval()
+
+
+def check_sampling(temperature, top_k, top_p):
+    """Validate the sampling knobs; temperature 0 means greedy (argmax)."""
+    if not isinstance(temperature, (int, float)) or not (0.0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def check_prompt(model, idx, max_new_tokens, batch_one=False):
+    """The prompt plus the new tokens must fit the model's context (the KV cache has that size)."""
+    if not (torch.is_tensor(idx) and idx.dim() == 2 and idx.dtype == torch.long and idx.size(1) >= 1):
+        raise ValueError("idx must be a LongTensor [B, T] with T >= 1 (encode the prompt first)")
+    if batch_one and idx.size(0) != 1:
+        raise ValueError(f"speculative decoding runs one sequence at a time; got batch size "
+                         f"{idx.size(0)}, pass idx[i:i+1]")
+    if int(idx.min()) < 0 or int(idx.max()) >= model.config.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {model.config.vocab_size})")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ctx = model.config.max_seq_len
+    if idx.size(1) >= ctx:
+        raise ValueError(f"prompt has {idx.size(1)} tokens but the model's context is {ctx}; "
+                         f"shorten the prompt to at most {ctx - 1} tokens")
+    if idx.size(1) + max_new_tokens > ctx:
+        raise ValueError(f"prompt ({idx.size(1)}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context {ctx}; use max_new_tokens <= {ctx - idx.size(1)}")
+
+
+def ngram_embedding(model):
+    """The target's N-gram embedding module, or None when the model uses a plain embedding."""
+    return model.embed if model.config.n_tables else None
+
+
+# -----------------------------------------------------------------------------
+# Turning logits into a distribution
+
+
+def logits_to_probs(logits, temperature=0.0, top_k=None, top_p=None):
+    """Next-token distribution [..., V] after temperature, top-k and top-p (nucleus) filtering.
+
+    temperature 0 gives the one-hot distribution of the argmax, so greedy decoding is the special
+    case of sampling where every distribution is a point mass. That is what makes greedy
+    speculative decoding reproduce greedy plain decoding exactly: the acceptance test below
+    accepts a draft iff it equals the target's argmax, and the residual is the target's argmax.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, int(top_k), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits.softmax(-1)
+
+
+def sample(probs, generator=None):
+    """One token per row from probs [B, V] -> LongTensor [B, 1]."""
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+# -----------------------------------------------------------------------------
+# Plain generation: prefill once, then one token per forward over the KV cache
+
+
+@torch.inference_mode()
+def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+             generator=None, eos_id=None, callback=None):
+    """Autoregressive decoding with the position-indexed KV cache and the n-gram cache.
+
+    The prompt is prefilled in one forward (the model's sparse attention handles long prompts);
+    every later step feeds one token, whose K/V are appended and whose n-gram ids come from the
+    last N-1 ids kept in the cache (ngram_embedding.md, "N-gram cache"). Returns idx extended by
+    up to max_new_tokens tokens ([B, T + n]); stops early when every row emitted eos_id (if given).
+    callback(new_tokens [B, 1]) is called with each new token (used to stream bytes).
+    """
+    check_sampling(temperature, top_k, top_p)
+    check_prompt(model, idx, max_new_tokens)
+    B, T = idx.shape
+    cache = model.new_cache(B, max_len=T + max_new_tokens, device=idx.device)
+    # Prefill all but the last prompt token, which becomes the first decoding step. Every new token
+    # is then computed the same way as in speculative_generate (decoding steps attend densely to
+    # the cache, a prefill attends sparsely), so greedy outputs match for prompts of any length.
+    if T > 1:
+        model(idx[:, :-1], cache=cache)
+    out, tok = [idx], idx[:, -1:]
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        logits, _ = model(tok, cache=cache)  # (B, 1, V)
+        tok = sample(logits_to_probs(logits[:, -1], temperature, top_k, top_p), generator)  # (B, 1)
+        out.append(tok)
+        if callback is not None:
+            callback(tok)
+        if eos_id is not None:
+            done |= tok[:, 0] == eos_id
+            if bool(done.all()):
+                break
+    return torch.cat(out, dim=1)
+
+
+@torch.inference_mode()
+def generate_recompute(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                       generator=None):
+    """Decoding without any cache: the whole sequence is re-run for every token (the baseline the
+    KV cache removes; O(T^2) work instead of O(T)). Same outputs as `generate` while the sequence
+    fits the attention budget (topk x attn_block tokens); beyond it a full forward attends sparsely
+    while cached decoding steps attend densely (see model.py's CausalSelfAttention)."""
+    check_sampling(temperature, top_k, top_p)
+    check_prompt(model, idx, max_new_tokens)
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx)  # (B, T, V), every position recomputed
+        tok = sample(logits_to_probs(logits[:, -1], temperature, top_k, top_p), generator)
+        idx = torch.cat([idx, tok], dim=1)
+    return idx
+
+
+# -----------------------------------------------------------------------------
+# Speculative decoding (Leviathan et al. 2023; gpt-fast), exact for sampling and greedy
+
+
+def accept_drafts(p, q, drafts, generator=None):
+    """The acceptance rule that makes speculative sampling exact, batched over leading dims.
+
+    p: target distributions [B, g+1, V] (p[:, i] judges drafts[:, i]; p[:, g] is for the bonus),
+    q: draft distributions [B, g, V], drafts: [B, g] tokens sampled from q.
+    Draft i is accepted with probability min(1, p(d_i) / q(d_i)); at the first rejection the
+    replacement is sampled from normalize(max(p - q, 0)); if all g are accepted, a bonus token is
+    sampled from p[:, g]. Every emitted token is then distributed exactly as the target alone would
+    have sampled it. Returns (n_accepted [B], next_token [B]).
+    """
+    B, g = drafts.shape
+    pd = p[:, :g].gather(-1, drafts[..., None])[..., 0]  # (B, g) target prob of each draft
+    qd = q.gather(-1, drafts[..., None])[..., 0]  # (B, g) draft prob of each draft (> 0: sampled)
+    u = torch.rand(B, g, generator=generator, device=p.device)
+    accepted = u * qd < pd  # u < p/q without dividing; p >= q always accepts
+    n = accepted.long().cumprod(dim=-1).sum(dim=-1)  # (B,) length of the leading run of accepts
+    # A zero row appended to q makes the bonus token the same formula: max(p[g] - 0, 0) = p[g].
+    q = torch.cat([q, q.new_zeros(B, 1, p.size(-1))], dim=1)  # (B, g+1, V)
+    rows = torch.arange(B, device=p.device)
+    p_n, q_n = p[rows, n], q[rows, n]  # (B, V) each, at the first rejection (or the bonus slot)
+    resid = (p_n - q_n).clamp_min(0)
+    mass = resid.sum(-1, keepdim=True)
+    # mass is 0 only when p == q there, which cannot reject in exact arithmetic; fall back to p.
+    resid = torch.where(mass > 0, resid / mass.clamp_min(1e-30), p_n)
+    return n, torch.multinomial(resid, 1, generator=generator)[:, 0]
+
+
+class ModelDrafter:
+    """Drafts with a small, separate GPT (plain embedding, as in the paper) and its own KV cache."""
+
+    def __init__(self, draft, target):
+        if draft.config.vocab_size != target.config.vocab_size:
+            raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the "
+                             f"target's ({target.config.vocab_size}); train the draft on the same "
+                             f"tokenizer (train.py --preset draft)")
+        self.model = draft
+
+    def start(self, prompt, max_len):
+        self.cache = self.model.new_cache(1, max_len=max_len, device=prompt.device)
+        if prompt.size(1) > 0:
+            self.model(prompt, cache=self.cache)
+
+    def step(self, tok, ids):  # ids (the target's n-gram ids) are not needed by a plain draft
+        return self.model(tok, cache=self.cache)[0][:, -1]  # (1, V)
+
+    def catch_up(self, tok):
+        self.model(tok, cache=self.cache)
+
+    def rollback(self, pos):
+        self.cache.pos = pos
+
+
+class NgramDrafter:
+    """The N-gram drafter: the target's own `draft_logits` head on its N-gram embedding output.
+
+    The paper proposes it (ngram_embedding.md, "Proposed but not built"): one embedding lookup and
+    one matrix product per drafted token, no attention, no second model, no draft cache. It sees
+    only the last N tokens, so it drafts well where text is locally predictable.
+    """
+
+    def __init__(self, target):
+        if not getattr(target.config, "ngram_draft_head", False) or ngram_embedding(target) is None:
+            raise ValueError("the target has no N-gram draft head; train it with "
+                             "ngram_draft_head=True (and ngram_n >= 2) or use --draft model")
+        self.model = target
+
+    def start(self, prompt, max_len):
+        pass
+
+    def step(self, tok, ids):
+        return self.model.draft_logits(tok, ids=ids)[:, -1]  # (1, V)
+
+    def catch_up(self, tok):
+        pass
+
+    def rollback(self, pos):
+        pass
+
+
+def ngram_context(seq, n_minus_1):
+    """The last N-1 ids of seq [1, T], left-padded with 0 (sequence start counts as token 0)."""
+    ctx = seq[:, -n_minus_1:]
+    return F.pad(ctx, (n_minus_1 - ctx.size(1), 0), value=0)  # (1, N-1)
+
+
+@torch.inference_mode()
+def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperature=0.0,
+                         top_k=None, top_p=None, generator=None, eos_id=None, callback=None):
+    """Speculative decoding: draft gamma tokens cheaply, verify them in one target forward.
+
+    draft: a GPT (the draft model), or "ngram" for the target's N-gram drafter. idx [1, T].
+    Each round: the drafter proposes g <= gamma tokens; the target scores [cur, d_1..d_g] in one
+    forward over its position-indexed KV cache; `accept_drafts` keeps a prefix and adds one token
+    of its own. Rejected positions need no rollback beyond moving `cache.pos` back: later writes
+    overwrite them. The n-gram context is the last N-1 accepted ids. Output is distributed exactly
+    as `generate`'s (greedy: identical tokens). Returns (tokens [1, T + n], stats).
+    """
+    check_sampling(temperature, top_k, top_p)
+    check_prompt(target, idx, max_new_tokens, batch_one=True)
+    if not (isinstance(gamma, int) and gamma >= 1):
+        raise ValueError(f"gamma (draft tokens per round) must be an int >= 1, got {gamma}")
+    drafter = NgramDrafter(target) if draft == "ngram" else ModelDrafter(draft, target)
+    if draft != "ngram":
+        check_prompt(draft, idx, max_new_tokens, batch_one=True)
+    emb = ngram_embedding(target)
+    n1 = target.config.ngram_n - 1 if emb is not None else 0
+    probs = lambda logits: logits_to_probs(logits, temperature, top_k, top_p)  # noqa: E731
+    t0 = time.perf_counter()
+
+    L = idx.size(1) + max_new_tokens  # final length
+    cache = target.new_cache(1, max_len=L, device=idx.device)
+    # Prefill all but the last prompt token; that token is `cur`, the first input of round one, so
+    # even the first new token goes through drafting and verification.
+    if idx.size(1) > 1:
+        target(idx[:, :-1], cache=cache)
+    drafter.start(idx[:, :-1], L)
+    seq, cur = idx, idx[:, -1:]  # seq: every accepted token; cur = seq[:, -1:], not yet in the caches
+    hist = [0] * (gamma + 1)
+    rounds = drafted = accepted = 0
+    while seq.size(1) < L:
+        P = cache.pos  # == seq.size(1) - 1: tokens whose K/V the target holds
+        g = min(gamma, L - seq.size(1) - 1)  # never draft past the requested length
+        # ---- draft g tokens; compute the target's n-gram ids of each one on the way ----
+        ctx = ngram_context(seq[:, :-1], n1) if emb is not None else None
+        tok, ids, drafts, qs = cur, [], [], []
+        for i in range(g + 1):
+            if emb is not None:  # n-gram cache: ids of `tok` from the last N-1 ids only
+                ids.append(emb.hash_ids(tok, context=ctx))  # (1, 1, (N-1)K)
+                ctx = torch.cat([ctx[:, 1:], tok], dim=1)
+            if i == g:
+                break  # the last draft needs its ids (for verification) but no draft forward
+            q = probs(drafter.step(tok, ids[-1] if ids else None))  # (1, V)
+            tok = sample(q, generator)  # (1, 1)
+            drafts.append(tok)
+            qs.append(q)
+        # ---- verify: one target forward over [cur, d_1..d_g] ----
+        # The +1: `cur` (the last accepted token) is not in the target's cache yet, so the input
+        # has g+1 tokens at positions P..P+g, giving g+1 distributions: p[i] judges d_{i+1}, and
+        # p[g] is the bonus distribution if every draft is accepted.
+        verify = torch.cat([cur] + drafts, dim=1)  # (1, g+1)
+        # The n-gram ids computed while drafting are reused here instead of hashing again (the
+        # paper's trick); for the N-gram drafter they were needed for drafting anyway.
+        ngram_ids = torch.cat(ids, dim=1) if ids else None  # (1, g+1, (N-1)K)
+        logits, _ = target(verify, cache=cache, ngram_ids=ngram_ids)  # (1, g+1, V)
+        q = torch.cat(qs, dim=0)[None] if qs else logits.new_zeros(1, 0, logits.size(-1))
+        n, nxt = accept_drafts(probs(logits[0])[None], q, verify[:, 1:], generator)
+        n = int(n)
+        # Keep cur and the n accepted drafts; K/V of rejected drafts stay but are overwritten later.
+        cache.pos = P + 1 + n
+        if n == g and g > 0:
+            # The extra draft step after full acceptance: the drafter sampled d_g but never ran on
+            # it, so its cache lacks d_g. Feed it now so both caches hold the same tokens.
+            drafter.catch_up(drafts[-1])
+        drafter.rollback(P + 1 + n)
+        new = torch.cat(drafts[:n] + [nxt.view(1, 1)], dim=1)  # (1, n+1)
+        if eos_id is not None and bool((new == eos_id).any()):
+            new = new[:, : int((new[0] == eos_id).nonzero()[0]) + 1]
+            L = seq.size(1) + new.size(1)  # stop after the end-of-document id
+        seq, cur = torch.cat([seq, new], dim=1), new[:, -1:]
+        if callback is not None:
+            callback(new)
+        rounds, drafted, accepted = rounds + 1, drafted + g, accepted + n
+        hist[n] += 1
+    dt = time.perf_counter() - t0
+    new_tokens = seq.size(1) - idx.size(1)
+    stats = {
+        "rounds": rounds, "drafted": drafted, "accepted": accepted,
+        "acceptance": accepted / max(drafted, 1),  # share of drafted tokens kept
+        "mean_accepted": accepted / max(rounds, 1),  # drafts kept per round (tokens/round - 1)
+        "hist": hist,  # hist[n]: rounds that kept exactly n drafts
+        "tokens_per_s": new_tokens / dt, "seconds": dt,
+    }
+    return seq, stats
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: every method timed by the same harness, greedy, on the same prompt
+
+
+def encode(text):
+    return torch.tensor([list(text.encode("utf-8"))], dtype=torch.long)
+
+
+def format_hist(hist):
+    return " ".join(str(h) for h in hist)
+
+
+def bench(target, draft, prompt, max_new_tokens, gammas=(2, 4, 6), repeats=1):
+    """Greedy tokens/s of plain KV decoding, full recompute, and speculative decoding with the draft
+    model and the N-gram drafter; prints one table. Speedups are relative to plain KV decoding."""
+    idx = encode(prompt)
+
+    def timed(fn):
+        best, out = float("inf"), None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            best = min(best, time.perf_counter() - t0)
+        return out, best
+
+    ref, t_kv = timed(lambda: generate(target, idx, max_new_tokens))
+    rows = [("plain, KV cache", max_new_tokens / t_kv, 1.0, None, None, "yes")]
+    out, t_re = timed(lambda: generate_recompute(target, idx, max_new_tokens))
+    rows.insert(0, ("plain, recompute all", max_new_tokens / t_re, t_kv / t_re, None, None,
+                    "yes" if torch.equal(out, ref) else "NO"))
+    drafters = []
+    if draft is not None:
+        drafters.append(("draft model", draft))
+    if getattr(target.config, "ngram_draft_head", False) and ngram_embedding(target) is not None:
+        drafters.append(("N-gram drafter", "ngram"))
+    for name, d in drafters:
+        for g in gammas:
+            (out, st), t = timed(lambda: speculative_generate(target, d, idx, max_new_tokens, gamma=g))
+            same = "yes" if torch.equal(out, ref) else "NO"
+            rows.append((f"{name}, gamma {g}", max_new_tokens / t, t_kv / t, st["acceptance"],
+                         st["mean_accepted"], same, format_hist(st["hist"])))
+    print(f"\ngreedy, prompt {idx.size(1)} tokens, {max_new_tokens} new tokens, "
+          f"{torch.get_num_threads()} threads, best of {repeats}")
+    print(f"| method | tokens/s | speedup | acceptance | accepted/round | same output | histogram |")
+    print("|---|---:|---:|---:|---:|---|---|")
+    for r in rows:
+        acc = "-" if r[3] is None else f"{r[3]:.2f}"
+        mal = "-" if r[4] is None else f"{r[4]:.2f}"
+        hist = r[6] if len(r) > 6 else "-"
+        print(f"| {r[0]} | {r[1]:.1f} | {r[2]:.2f}x | {acc} | {mal} | {r[5]} | {hist} |")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="target checkpoint written by train.py")
+    ap.add_argument("--prompt", default="def ", help="text to continue (UTF-8 bytes are the tokens)")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep mass p")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--draft", choices=["none", "model", "ngram"], default="none",
+                    help="speculative decoding: a draft model (--draft-ckpt), the target's N-gram "
+                         "draft head, or none (plain decoding)")
+    ap.add_argument("--draft-ckpt", default=None, help="draft checkpoint (train.py --preset draft)")
+    ap.add_argument("--gamma", type=int, default=4, help="draft tokens per verification")
+    ap.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document id")
+    ap.add_argument("--bench", action="store_true", help="print the speed table and exit")
+    ap.add_argument("--bench-repeats", type=int, default=1, help="best of this many runs per row")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    target = load_model(args.ckpt, args.device)
+    draft = None
+    if args.draft == "model" or (args.bench and args.draft_ckpt):
+        if not args.draft_ckpt:
+            raise ValueError("--draft model needs --draft-ckpt (a checkpoint of train.py --preset draft)")
+        draft = load_model(args.draft_ckpt, args.device)
+        ModelDrafter(draft, target)  # checks the vocabulary now, before any work
+    if args.bench:
+        bench(target, draft, args.prompt, args.max_new_tokens, repeats=args.bench_repeats)
+        return
+    if args.draft == "ngram":
+        NgramDrafter(target)  # checks the draft head now
+    idx = encode(args.prompt).to(args.device)
+    eos = target.config.eos_id if args.stop_at_eos else None
+
+    def stream(tokens):  # bytes as they are produced; the end-of-document id prints nothing
+        sys.stdout.buffer.write(bytes(t for t in tokens[0].tolist() if t < 256))
+        sys.stdout.buffer.flush()
+
+    stream(idx)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
+              eos_id=eos, callback=stream)
+    if args.draft == "none":
+        generate(target, idx, args.max_new_tokens, **kw)
+        print()
+    else:
+        _, st = speculative_generate(target, draft if args.draft == "model" else "ngram", idx,
+                                     args.max_new_tokens, gamma=args.gamma, **kw)
+        print()
+        print(f"{st['tokens_per_s']:.1f} tokens/s, acceptance {st['acceptance']:.2f}, "
+              f"{st['mean_accepted']:.2f} drafts kept per round; histogram of drafts kept per "
+              f"round (0..{args.gamma}): {format_hist(st['hist'])}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
