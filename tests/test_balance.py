@@ -1,7 +1,6 @@
 """balance.py: cost model, DST (tune_budgets) and the 1F1B simulator, against hand-computed or
 brute-force references."""
 import json
-import math
 import random
 
 import pytest
