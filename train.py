@@ -253,7 +253,11 @@ def setup_distributed(device_arg):
     if use_cuda:
         torch.cuda.set_device(device)
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # After `torchrun --max-restarts` restarts the workers, the rendezvous store can still hold
+        # the dead workers' addresses; a per-attempt key prefix keeps the new group from reading them.
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world)
     return rank, local, world, device
 
 
@@ -361,7 +365,7 @@ def step(model, params, samples, plan_r, budgets, n_global, rank, world, device,
     -> (sum of token losses, compute seconds)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0, loss_sum = time.perf_counter(), torch.zeros((), device=device, dtype=torch.float64)
-    for micro in plan_r:
+    for micro in (mb for mb in plan_r if mb):  # empty microbatches have nothing to compute
         x, y, m, cu = make_microbatch([samples[i] for i in micro], model.config.attn_block, device)
         topk = torch.tensor([budgets[i] for i in micro], dtype=torch.long, device=device)
         with ctx:
@@ -525,6 +529,9 @@ def main(argv=None):
     # Replicas must agree bit for bit; a silent divergence is the nastiest data-parallel bug.
     sums = all_gather_row([sum(p.double().sum().item() for p in params)], world, device)[:, 0]
     record(dict(step=args.steps, replica_max_diff=(sums.max() - sums.min()).item()))
+    bar.close()
+    if log:
+        log.close()
     if world > 1:
         dist.destroy_process_group()
 

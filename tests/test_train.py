@@ -1,0 +1,196 @@
+"""train.py: data pieces, a 2-rank gloo run, exact resume after a killed rank, uneven loads, bad input.
+
+The distributed runs go through torchrun (`python -m torch.distributed.run`) exactly as users run
+them; models are tiny and runs a few steps long, so the whole file takes about a minute.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import numpy as np
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--max-seq-len", "256", "--attn-block", "32",
+        "--topk", "2", "--batch-size", "6", "--steps", "8", "--warmup", "2", "--lr", "3e-3", "--eval-every", "4",
+        "--eval-samples", "4", "--threads", "1", "--balance", "sab+dst", "--correction", "off"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small real corpus: the standard library's email package (about 30 files)."""
+    d = tmp_path_factory.mktemp("data")
+    src = os.path.join(sysconfig.get_paths()["stdlib"], "email")
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".py"):
+            shutil.copy(os.path.join(src, f), d / f)
+    return str(d)
+
+
+def torchrun(args, nproc=2, extra=(), timeout=120):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *extra, os.path.join(ROOT, "train.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def errors(r):
+    """The Python errors in a failed run's output (torchrun's own summary hides them)."""
+    return "\n".join(l for l in (r.stdout + r.stderr).splitlines() if "Error" in l or "error" in l)[-3000:]
+
+
+def metrics(out):
+    """Per-step train records (the last one wins: a restarted run repeats steps), and all records."""
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return {r["step"]: r for r in recs if "loss" in r}, recs
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------- data pieces
+
+def test_chunks_predict_every_token_once_and_microbatch_layout():
+    rng = np.random.default_rng(0)
+    doc = np.append(rng.integers(0, 256, 1000), train.EOS).astype(np.uint16)
+    chunks = train.chunk([doc], 256)
+    assert max(len(c) for c in chunks) == 257
+    targets = np.concatenate([c[1:] for c in chunks])  # each token after the first, exactly once
+    assert np.array_equal(targets, doc[1:])
+    x, y, m, cu = train.make_microbatch(chunks, 64, "cpu")
+    lens = [len(c) - 1 for c in chunks]
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == x.shape[1]
+    assert all(int(c) % 64 == 0 for c in cu) and torch.all(cu[1:] > cu[:-1])
+    assert m.sum().item() == sum(lens)
+    for c, a, n in zip(chunks, cu[:-1].tolist(), lens):  # targets are the inputs shifted by one
+        assert np.array_equal(x[0, a:a + n].numpy(), c[:-1]) and np.array_equal(y[0, a:a + n].numpy(), c[1:])
+        assert m[0, a:a + n].all() and not m[0, a + n:a + -(-n // 64) * 64].any()
+    x, y, m, cu = train.make_microbatch([], 64, "cpu")  # an empty microbatch: one masked block
+    assert x.shape == (1, 64) and m.sum() == 0 and cu.tolist() == [0, 64]
+
+
+def test_default_corpus_split_is_deterministic_and_disjoint():
+    tr, va = train.load_documents(None, 0.1, 512)
+    tr2, va2 = train.load_documents(None, 0.1, 512)
+    assert len(tr) == len(tr2) and len(va) == len(va2) and len(tr) > 200 and 0.03 < len(va) / (len(tr) + len(va)) < 0.2
+    assert all(d[-1] == train.EOS and d[:-1].max() < 256 for d in tr[:50])
+    # no validation file is also in training (files whose text occurs twice in the library aside)
+    from collections import Counter
+    count = Counter(bytes(d.astype(np.uint8)) for d in tr + va)
+    val_texts = {bytes(d.astype(np.uint8)) for d in va}
+    assert not any(count[t] == 1 and t in val_texts for t in (bytes(d.astype(np.uint8)) for d in tr))
+    assert sum(count[t] == 1 for t in val_texts) > 10
+
+
+def test_passkey_answer_positions():
+    rng = np.random.default_rng(1)
+    filler = np.frombuffer(b"def f(x):\n    return x\n", np.uint8).astype(np.uint16)
+    toks, pos = train.passkey_sample(rng, filler, 300)
+    assert len(toks) == 301 and toks[-1] == train.EOS
+    text = bytes(toks[:-1].astype(np.uint8)).decode()
+    key = text.rsplit(" ", 1)[1]
+    assert len(key) == 5 and f"The passkey is {key}. Remember" in text
+    assert bytes(toks[pos + 1].astype(np.uint8)).decode() == key  # target j is token j + 1
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, {"step": 1})
+    before = sha(path)
+
+    def broken_save(obj, f):
+        open(f, "wb").write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, {"step": 2})
+    assert sha(path) == before and torch.load(path)["step"] == 1
+
+
+# ---------------------------------------------------------------------------------- runs
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted 2-rank run: the baseline the restarted run must reproduce."""
+    out = str(tmp_path_factory.mktemp("ref"))
+    r = torchrun(["--data", data, "--out", out, *TINY])
+    assert r.returncode == 0, errors(r)
+    return out
+
+
+def test_two_ranks_train_in_sync_and_log(reference):
+    steps, recs = metrics(reference)
+    assert sorted(steps) == list(range(1, 9))
+    losses = [steps[s]["loss"] for s in range(1, 9)]
+    assert np.mean(losses[-2:]) < losses[0] - 0.1  # loss falls
+    assert all(len(steps[s]["compute"]) == 2 and steps[s]["imbalance"] >= 1 for s in steps)
+    assert [r["step"] for r in recs if "val_bpb" in r] == [4, 8]
+    assert recs[-1]["replica_max_diff"] == 0.0  # parameters identical on both ranks
+    cfg = json.load(open(os.path.join(reference, "config.json")))
+    assert cfg["world_size"] == 2 and cfg["model"]["n_embd"] == 32
+
+
+def test_killed_rank_restarts_and_matches_uninterrupted_run(data, reference, tmp_path):
+    out = str(tmp_path)
+    r = torchrun(["--data", data, "--out", out, *TINY, "--ckpt-every", "2", "--crash-at-step", "6",
+                  "--resume"], extra=["--max-restarts=1"])
+    assert r.returncode == 0, errors(r)
+    assert os.path.exists(os.path.join(out, "crashed_at_6"))  # the crash did happen
+    assert "resumed" in r.stdout + r.stderr
+    got, _ = metrics(out)
+    ref, _ = metrics(reference)
+    assert sorted(got) == sorted(ref)
+    for s in ref:  # same seed, same data, same state: the same losses as if never stopped
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6, abs=1e-6), s
+
+
+def test_ranks_with_different_loads_do_not_hang(data, tmp_path):
+    # One sample for two ranks: rank 1 has only empty microbatches and must still join the
+    # gradient all-reduce; a hang would hit the timeout.
+    out = str(tmp_path)
+    r = torchrun(["--data", data, "--out", out, *TINY, "--batch-size", "1", "--steps", "2",
+                  "--eval-every", "2"], timeout=90)
+    assert r.returncode == 0, errors(r)
+    steps, recs = metrics(out)
+    assert sorted(steps) == [1, 2] and recs[-1]["replica_max_diff"] == 0.0
+    assert all(min(steps[s]["compute"]) < max(steps[s]["compute"]) for s in steps)
+
+
+def test_single_process_resume_and_bad_inputs_leave_checkpoint_intact(data, tmp_path):
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    args = ["--data", data, *TINY, "--steps", "4", "--ckpt-every", "2", "--balance", "lbb"]
+    train.main(args + ["--out", ref])
+    crashed = subprocess.run([sys.executable, "train.py", *args, "--out", out, "--crash-at-step", "3"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert crashed.returncode != 0 and os.path.exists(os.path.join(out, "ckpt.pt"))
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 2
+    train.main(args + ["--out", out, "--resume"])
+    a, b = metrics(ref)[0], metrics(out)[0]
+    assert [a[s]["loss"] for s in range(1, 5)] == pytest.approx([b[s]["loss"] for s in range(1, 5)], rel=1e-6)
+
+    ckpt = os.path.join(out, "ckpt.pt")
+    before = sha(ckpt)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = [
+        (FileNotFoundError, "no such file", ["--data", str(tmp_path / "missing")]),
+        (FileNotFoundError, "no (non-empty, text) documents", ["--data", str(empty)]),
+        (ValueError, "multiple of attn_block", ["--max-seq-len", "200"]),
+        (ValueError, "unknown preset", ["--preset", "nope"]),
+        (ValueError, "different config", ["--n-embd", "64"]),
+        (ValueError, "exists: pass --resume", ["--steps", "6"]),  # a fresh run would overwrite it
+        (ValueError, "--balance", ["--balance", "fast"]),
+    ]
+    for err, msg, extra in bad:
+        flags = args + ["--out", out] + (["--resume"] if "--steps" not in extra else []) + extra
+        with pytest.raises(err, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            train.main(flags)
+        assert sha(ckpt) == before, extra
