@@ -94,9 +94,11 @@ class CostModel:
             self.lengths, self.budgets = [int(x) for x in lengths], [int(x) for x in budgets]
             self.linear = [float(x) for x in linear]  # [len(lengths)] seconds
             self.attention = [[float(x) for x in row] for row in attention]  # [lengths][budgets]
-            if (sorted(set(self.lengths)) != self.lengths or sorted(set(self.budgets)) != self.budgets
-                    or len(self.linear) != len(self.lengths) or len(self.attention) != len(self.lengths)
-                    or any(len(row) != len(self.budgets) for row in self.attention)):
+            nl, nk = len(self.lengths), len(self.budgets)
+            increasing = lambda xs: sorted(set(xs)) == xs  # noqa: E731
+            if (not increasing(self.lengths) or not increasing(self.budgets)
+                    or len(self.linear) != nl or len(self.attention) != nl
+                    or any(len(row) != nk for row in self.attention)):
                 raise ValueError("cost table needs strictly increasing lengths and budgets, "
                                  "linear[len(lengths)] and attention[len(lengths)][len(budgets)]")
             b = self.block_size
@@ -254,8 +256,8 @@ class CostModel:
             q = self.params
             hd_h = q["head_dim"] * q["n_head"]
             per_block = 12.0 * b * b * hd_h / q["attn_flops"]
-            fixed = (n * (n + 1) * hd_h / q["attn_flops"]
-                     + 6.0 * tokens * (4 + 2 * q["mlp_ratio"]) * q["n_embd"] ** 2 / q["linear_flops"])
+            linear = 6.0 * tokens * (4 + 2 * q["mlp_ratio"]) * q["n_embd"] ** 2
+            fixed = n * (n + 1) * hd_h / q["attn_flops"] + linear / q["linear_flops"]
 
             def f(topk):  # visited_blocks inlined: DST calls this thousands of times per step
                 k = n if topk is None or topk >= n else topk
@@ -453,7 +455,8 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", p=0.1, k0=32, coverag
     if unit == "rank":
         units = [((r,), [i for micro in rank for i in micro]) for r, rank in enumerate(plan)]
     else:
-        units = [((r, m), list(micro)) for r, rank in enumerate(plan) for m, micro in enumerate(rank)]
+        units = [((r, m), list(micro))
+                 for r, rank in enumerate(plan) for m, micro in enumerate(rank)]
     units = [(u, items) for u, items in units if items]
     curves = {}
     for items in (items for _, items in units):
@@ -483,10 +486,10 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", p=0.1, k0=32, coverag
     scales = [1.0 if rank_scale is None else float(rank_scale[u[0]]) for u, _ in units]
     loads_k0 = [s * sum(curves[lengths[i]](min(blocks[i], k0)) for i in items)
                 for (_, items), s in zip(units, scales)]
+    A = 0.0
     if loads_k0:
-        A = {"mean": sum(loads_k0) / len(loads_k0), "min": min(loads_k0), "max": max(loads_k0)}[anchor]
-    else:
-        A = 0.0
+        A = {"mean": sum(loads_k0) / len(loads_k0), "min": min(loads_k0),
+             "max": max(loads_k0)}[anchor]
     A *= 1 + 1e-12  # the anchor unit itself must count as "at the anchor" despite rounding
 
     budgets, loads, shortfalls = [], [0.0] * len(units), []
@@ -695,7 +698,8 @@ def run_ablation(lengths_source, rng, steps, cm, dp, pp, global_batch, k0, p, n_
         a = acc[name]
         mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
         rows.append((name, a["imb"], a["mimb"], a["step"] * 1e3, base / a["step"], mean(a["kb"]),
-                     mean(a["cov"]), min(a["ratio"], default=float("nan")), a["bubble"], a["short"]))
+                     mean(a["cov"]), min(a["ratio"], default=float("nan")), a["bubble"],
+                     a["short"]))
     return rows
 
 

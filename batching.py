@@ -173,7 +173,8 @@ def plan_batches(lengths, world_size, num_microbatches, policy, cost=None, capac
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if num_microbatches is not None and (not isinstance(num_microbatches, int)
                                          or num_microbatches < 1):
-        raise ValueError(f"num_microbatches must be a positive int or None, got {num_microbatches!r}")
+        raise ValueError("num_microbatches must be a positive int or None, "
+                         f"got {num_microbatches!r}")
     if block_size < 1 or pipeline_stages < 1:
         raise ValueError(f"block_size and pipeline_stages must be positive, got {block_size}, "
                          f"{pipeline_stages}")
@@ -310,7 +311,8 @@ class SABState:
         for length, k in zip(lengths, budgets):
             b = self.bucket(length)
             old = self.ema.get(b)
-            self.ema[b] = float(k) if old is None else self.decay * old + (1 - self.decay) * float(k)
+            k = float(k)
+            self.ema[b] = k if old is None else self.decay * old + (1 - self.decay) * k
 
     def budget(self, length):
         """Estimated budget (blocks, >= 1) for a sequence of this length."""

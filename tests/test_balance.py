@@ -37,7 +37,7 @@ def test_analytic_formula_and_monotonicity():
 def random_table(rng, block=64):
     lengths, budgets = [256, 1024, 4096], [1, 2, 8, 32]
     attention = []
-    for x in lengths:  # as profile() writes it: cells at budgets >= the blocks repeat the dense time
+    for x in lengths:  # as profile() writes it: budgets >= the blocks repeat the dense time
         row = [rng.uniform(1, 2) * x * k * 1e-7 for k in budgets]
         d = next((j for j, k in enumerate(budgets) if k >= x // block), len(budgets) - 1)
         attention.append(row[:d + 1] + [row[d]] * (len(budgets) - d - 1))
@@ -106,10 +106,12 @@ def test_coverage_floor_brute_force():
     for _ in range(50):
         n = rng.randint(1, 40)
         curve = synthetic_coverage(n, rng.uniform(0.3, 2.0))
-        assert all(a <= b + 1e-12 for a, b in zip(curve, curve[1:])) and curve[-1] == pytest.approx(1)
+        assert all(a <= b + 1e-12 for a, b in zip(curve, curve[1:]))
+        assert curve[-1] == pytest.approx(1)
         k0, p = rng.randint(1, 48), rng.choice([0.0, 0.1, 0.3])
         c0 = curve[k0 - 1] if k0 <= n else 1.0
-        want = next(k for k in range(1, 100) if (curve[k - 1] if k <= n else 1.0) >= (1 - p) * c0 - 1e-12)
+        cov = lambda k: curve[k - 1] if k <= n else 1.0  # noqa: E731
+        want = next(k for k in range(1, 100) if cov(k) >= (1 - p) * c0 - 1e-12)
         assert coverage_floor(curve, k0, p) == want
 
 
