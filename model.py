@@ -193,6 +193,7 @@ class NgramEmbedding(nn.Module):
         return terms.sum(-1) % self.sizes                               # (B, T, Tab)
 
     def forward(self, idx, context=None, ids=None, cu_seqlens=None):
+        """idx [B, T] -> embeddings [B, T, D]; `ids`: precomputed `hash_ids` (skips the hashing)."""
         x = self.wte(idx)                                               # (B, T, D)
         if self.config.n_tables:
             if ids is None:
@@ -568,7 +569,7 @@ def collision_report(max_bytes=4_000_000, vocab=257, multiples=(40, 400), ratios
 
 def params_report():
     """Total and per-token active parameters of the COMPARE configurations."""
-    print(f"{'preset':>10} {'total':>12} {'active':>12} {'n-gram tables':>14}")
+    print(f"{'config':>10} {'total':>12} {'active':>12} {'n-gram tables':>14}")
     for name, kw in COMPARE.items():
         model = GPT(GPTConfig(**kw))
         tables = model.embed.tables.weight.numel() if model.config.n_tables else 0
@@ -578,8 +579,8 @@ def params_report():
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--collisions", action="store_true", help="n-gram hash collision analysis")
-    ap.add_argument("--max-bytes", type=int, default=4_000_000, help="corpus bytes for --collisions")
+    ap.add_argument("--collisions", action="store_true", help="n-gram hash collisions near integer multiples of the vocabulary, and with K tables")
+    ap.add_argument("--max-bytes", type=int, default=4_000_000, help="corpus bytes for --collisions (default 4,000,000: ~20 s; the whole stdlib is ~13 MB)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[10.37, 40.37],
                     help="sub-table ratios for the all-K collision table")
     ap.add_argument("--params", action="store_true", help="parameter counts of the COMPARE configs")
