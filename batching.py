@@ -40,8 +40,9 @@ capacity limit.
 Conventions:
 - Every sample appears exactly once; every rank gets exactly `num_microbatches` microbatches.
   A microbatch may be EMPTY (fewer samples than slots, or short documents packed together).
-  A training loop must still run an (all-padding, zero-loss) forward/backward for an empty
-  microbatch, because every DDP rank must execute the same number of collective-bearing steps.
+  With DDP's gradient hooks every rank must run the same number of backward passes, so run an
+  all-padding, zero-loss step for it; a loop that all-reduces gradients once after all its
+  microbatches (as train.py does) may simply skip it.
 - `capacity` (tokens) limits one microbatch: its documents, each padded up to a multiple of
   `block_size`, must sum to at most `capacity` (train.py packs them into one row). None means
   no limit. A document longer than `capacity` is an error (crop documents first).
