@@ -746,6 +746,8 @@ def main(argv=None):
     ap.add_argument("--cost-model", default="analytic",
                     help="--simulate: 'analytic' (a 3B-like layer) or a JSON file from --profile")
     ap.add_argument("--steps", type=int, default=100, help="global batches per mix (--simulate)")
+    ap.add_argument("--bench-repeats", type=int, default=20,
+                    help="--simulate: timed planning+tuning repeats (the median is printed)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic mixes")
     ap.add_argument("--p", type=float, default=0.1, help="allowed coverage drop of DST")
     ap.add_argument("--k0", type=int, default=32, help="default budget in blocks")
@@ -826,10 +828,10 @@ def main(argv=None):
                         dp, pp, gb, k0, p, n_layer, _pad(65536, b), unit)
     print_table(f"(c) default corpus: {len(corpus)} stdlib .py files of this interpreter, "
                 "bytes = tokens, cropped at 64K", rows)
-    wall, cpu, imb = benchmark(cm, k0, p)
+    wall, cpu, imb = benchmark(cm, k0, p, repeats=args.bench_repeats)
     print(f"\nplanning (sab) + tuning (DST, unit rank, coverage floors) of 1024 sequences on 64 "
           f"ranks x 4 microbatches: {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU (medians of "
-          f"20 fresh batches, this machine); plan imbalance at k0: rank {imb['rank']:.3f}, "
+          f"{args.bench_repeats} fresh batches, this machine); plan imbalance at k0: rank {imb['rank']:.3f}, "
           f"microbatch {imb['microbatch']:.3f}")
 
 

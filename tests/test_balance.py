@@ -81,7 +81,16 @@ def test_table_interpolation_reproduces_constant_rates():
             assert cm.predict(L, k) == pytest.approx(2e-6 * n * b + 3e-5 * visited_blocks(n, k))
 
 
-def test_profile_builds_a_table_with_a_stand_in_attention():
+@pytest.fixture
+def one_thread():
+    # tiny ops: thread start-up would dominate (seconds on a busy 2-core machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_profile_builds_a_table_with_a_stand_in_attention(one_thread):
     calls = []
 
     def fake_attention(q, k, v, topk, cu_seqlens=None, block_size=64, impl="auto"):
@@ -263,7 +272,7 @@ def test_simulate_dp_only_is_sum_and_empty_microbatches_are_free():
 
 
 def test_simulate_cli_prints_tables(capsys):
-    balance.main(["--simulate", "--steps", "2"])
+    balance.main(["--simulate", "--steps", "2", "--bench-repeats", "2"])
     out = capsys.readouterr().out
     assert out.count("| + SAB + DST |") == 3 and "SIMULATED" in out and "SYNTHETIC" in out
     assert "1024 sequences on 64 ranks" in out
