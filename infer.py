@@ -197,6 +197,8 @@ def accept_drafts(p, q, drafts, generator=None):
 class ModelDrafter:
     """Drafts with a small, separate GPT (plain embedding, as in the paper) and its own KV cache."""
 
+    uses_ids = False  # it never needs the target's n-gram ids
+
     def __init__(self, draft, target):
         if draft.config.vocab_size != target.config.vocab_size:
             raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the "
@@ -226,6 +228,8 @@ class NgramDrafter:
     one matrix product per drafted token, no attention, no second model, no draft cache. It sees
     only the last N tokens, so it drafts well where text is locally predictable.
     """
+
+    uses_ids = True  # drafting needs the target's n-gram ids of each token; verification reuses them
 
     def __init__(self, target):
         if not getattr(target.config, "ngram_draft_head", False) or ngram_embedding(target) is None:
@@ -289,15 +293,13 @@ def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperatur
     while seq.size(1) < L:
         P = cache.pos  # == seq.size(1) - 1: tokens whose K/V the target holds
         g = min(gamma, L - seq.size(1) - 1)  # never draft past the requested length
-        # ---- draft g tokens; compute the target's n-gram ids of each one on the way ----
-        ctx = ngram_context(seq[:, :-1], n1) if emb is not None else None
+        # ---- draft g tokens ----
+        ctx = ngram_context(seq[:, :-1], n1) if emb is not None else None  # N-1 ids before cur
         tok, ids, drafts, qs = cur, [], [], []
-        for i in range(g + 1):
-            if emb is not None:  # n-gram cache: ids of `tok` from the last N-1 ids only
+        for _ in range(g):
+            if drafter.uses_ids:  # n-gram cache: the ids of `tok` from the last N-1 ids only
                 ids.append(emb.hash_ids(tok, context=ctx))  # (1, 1, (N-1)K)
                 ctx = torch.cat([ctx[:, 1:], tok], dim=1)
-            if i == g:
-                break  # the last draft needs its ids (for verification) but no draft forward
             q = probs(drafter.step(tok, ids[-1] if ids else None))  # (1, V)
             tok = sample(q, generator)  # (1, 1)
             drafts.append(tok)
@@ -307,9 +309,15 @@ def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperatur
         # has g+1 tokens at positions P..P+g, giving g+1 distributions: p[i] judges d_{i+1}, and
         # p[g] is the bonus distribution if every draft is accepted.
         verify = torch.cat([cur] + drafts, dim=1)  # (1, g+1)
-        # The n-gram ids computed while drafting are reused here instead of hashing again (the
-        # paper's trick); for the N-gram drafter they were needed for drafting anyway.
-        ngram_ids = torch.cat(ids, dim=1) if ids else None  # (1, g+1, (N-1)K)
+        if emb is None:
+            ngram_ids = None
+        elif drafter.uses_ids:
+            # The paper's trick: the ids of cur, d_1..d_{g-1} were computed while drafting and are
+            # reused here; only the last draft d_g still needs hashing.
+            ngram_ids = torch.cat(ids + [emb.hash_ids(tok, context=ctx)], dim=1)  # (1, g+1, (N-1)K)
+        else:
+            # A plain-embedding draft computes no n-gram ids: hash the block once, same context.
+            ngram_ids = emb.hash_ids(verify, context=ctx)  # (1, g+1, (N-1)K)
         logits, _ = target(verify, cache=cache, ngram_ids=ngram_ids)  # (1, g+1, V)
         q = torch.cat(qs, dim=0)[None] if qs else logits.new_zeros(1, 0, logits.size(-1))
         n, nxt = accept_drafts(probs(logits[0])[None], q, verify[:, 1:], generator)
@@ -417,7 +425,11 @@ def main(argv=None):
     ap.add_argument("--bench", action="store_true", help="print the speed table and exit")
     ap.add_argument("--bench-repeats", type=int, default=1, help="best of this many runs per row")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy CPU")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     check_sampling(args.temperature, args.top_k, args.top_p)
     torch.manual_seed(args.seed)
