@@ -498,8 +498,8 @@ def stdlib_corpus(max_bytes=4_000_000):
     root = sysconfig.get_paths()["stdlib"]
     skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
     parts, total = [], 0
-    for d, dirs, files in sorted(os.walk(root)):
-        dirs[:] = sorted(x for x in dirs if x not in skip)
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in skip)     # prunes the walk and fixes its order
         for f in sorted(x for x in files if x.endswith(".py")):
             with open(os.path.join(d, f), "rb") as fh:
                 data = torch.frombuffer(bytearray(fh.read()) + b"\0", dtype=torch.uint8).long()
@@ -509,7 +509,7 @@ def stdlib_corpus(max_bytes=4_000_000):
             if total >= max_bytes:
                 return torch.cat(parts)[:max_bytes]
     if not parts:
-        raise FileNotFoundError(f"no .py files under {root}: pass another corpus")
+        raise FileNotFoundError(f"no .py files under {root}: this Python ships no stdlib sources")
     return torch.cat(parts)
 
 
