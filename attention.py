@@ -1,4 +1,4 @@
-"""Dynamic block-sparse attention: a MoBA-style gate, a Triton kernel (forward + backward), a torch twin.
+"""Dynamic block-sparse attention: a MoBA-style gate, Triton kernels (fwd + bwd) and a torch twin.
 
 The gate (SparseBalance sec. "sparse attention used", after MoBA). The sequence is cut into blocks
 of `block_size` tokens. Query block i scores every earlier key block j of its own document by
@@ -33,6 +33,7 @@ import argparse
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -99,15 +100,16 @@ def _budgets(topk, S, device):
     """The budget of every sequence as a LongTensor [S]; raises on budgets < 1 or a wrong length."""
     if isinstance(topk, torch.Tensor):
         if topk.dtype.is_floating_point or topk.dtype == torch.bool or topk.numel() != S:
-            raise ValueError(f"topk must be an int or an integer tensor with one budget per sequence "
-                             f"({S}); got {topk.dtype} with {topk.numel()} entries")
+            raise ValueError(f"topk must be an int or an integer tensor with one budget per "
+                             f"sequence ({S}); got {topk.dtype} with {topk.numel()} entries")
         budget = topk.reshape(S).to(device=device, dtype=torch.long)
     elif isinstance(topk, int) and not isinstance(topk, bool):
         budget = torch.full((S,), topk, dtype=torch.long, device=device)
     else:
         raise ValueError(f"topk must be an int or a LongTensor [S], got {type(topk).__name__}")
     if S and int(budget.min()) < 1:
-        raise ValueError(f"every budget must be >= 1 (the diagonal block), got min {int(budget.min())}")
+        raise ValueError(f"every budget must be >= 1 (it counts the diagonal block), "
+                         f"got {int(budget.min())}")
     return budget
 
 
@@ -173,8 +175,8 @@ def routing_coverage(q, k, cu_seqlens=None, block_size=64):
 
     Softmax of the gate scores / sqrt(D) over the blocks a query block may see; C[s, j] = mass of
     the diagonal block plus the best j other blocks, averaged over heads and the query blocks of
-    sequence s (1 where fewer than j+1 blocks exist). Float [S, KMAX_all], non-decreasing, ends at 1.
-    DST uses it as the quality floor when it cuts a budget."""
+    sequence s (1 where fewer than j+1 blocks exist). Float [S, KMAX_all], non-decreasing, ending
+    at 1. DST uses it as the quality floor when it cuts a budget."""
     B, H, T, D = _check_qkv(q, k, None, block_size)
     NQ = T // block_size
     scores, allowed, seq, first, S = _gate_scores(q, k, cu_seqlens, block_size)
@@ -344,12 +346,15 @@ def _transpose_layout(block_idx, block_cnt):
     selT = sel[..., :NQ].transpose(1, 2)                                  # [BH, key j, query i]
     qi = torch.arange(NQ, device=block_idx.device)
     qidx = torch.where(selT, qi, NQ).sort(dim=-1).values                 # selecting blocks first
-    return qidx.masked_fill(qidx == NQ, 0).to(torch.int32).contiguous(), selT.sum(-1, dtype=torch.int32)
+    qcnt = selT.sum(-1, dtype=torch.int32)
+    return qidx.masked_fill(qidx == NQ, 0).to(torch.int32).contiguous(), qcnt
 
 
-def _launch_cfg(block, head_dim):
-    """num_warps / num_stages sized for H100 shared memory at D=128."""
-    return dict(num_warps=4 if block * head_dim <= 64 * 128 else 8, num_stages=2)
+def _launch_cfg(block, head_dim, elem_bytes):
+    """num_warps / num_stages that fit H100 shared memory (checked by compiling for sm_90: bf16
+    block 128 x D 128 with 2 stages needs 132 KB of the 227 KB; fp32 at that size needs 1 stage)."""
+    return dict(num_warps=4 if block * head_dim <= 64 * 128 else 8,
+                num_stages=2 if elem_bytes * block * head_dim <= 2 * 128 * 128 else 1)
 
 
 class _TritonBlockSparse(torch.autograd.Function):
@@ -365,7 +370,8 @@ class _TritonBlockSparse(torch.autograd.Function):
         sm_scale = D ** -0.5
         _fwd_kernel[(NQ, B * H)](q, k, v, o, lse, idx, cnt, sm_scale * 1.4426950408889634,
                                  T * D, D, T, NQ, idx.shape[-1], UPCAST=not q.is_cuda,
-                                 BLOCK=block_size, HEAD_DIM=D, **_launch_cfg(block_size, D))
+                                 BLOCK=block_size, HEAD_DIM=D,
+                                 **_launch_cfg(block_size, D, q.element_size()))
         ctx.save_for_backward(q, k, v, o, lse, idx, cnt)
         ctx.block_size = block_size
         return o
@@ -380,7 +386,8 @@ class _TritonBlockSparse(torch.autograd.Function):
         qidx, qcnt = _transpose_layout(idx, cnt)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         sm_scale = D ** -0.5
-        common = dict(UPCAST=not q.is_cuda, BLOCK=BS, HEAD_DIM=D, **_launch_cfg(BS, D))
+        common = dict(UPCAST=not q.is_cuda, BLOCK=BS, HEAD_DIM=D,
+                      **_launch_cfg(BS, D, q.element_size()))
         _dkdv_kernel[(NQ, B * H)](q, k, v, do, dk, dv, lse, delta, qidx, qcnt, sm_scale,
                                   sm_scale * 1.4426950408889634, T * D, D, T, NQ, **common)
         _dq_kernel[(NQ, B * H)](q, k, v, do, dq, lse, delta, idx, cnt, sm_scale,
@@ -393,8 +400,8 @@ class _TritonBlockSparse(torch.autograd.Function):
 def attention_torch(q, k, v, block_idx, block_cnt, block_size, chunk_elems=1 << 25):
     """Block-sparse attention in plain torch: time and memory scale with the budget, not with T^2.
 
-    Each query block gathers only its selected key/value blocks (index_select on K/V viewed as
-    [B*H*NQ, block, D]), its diagonal block last, and runs one batched matmul - softmax - matmul.
+    Each query block gathers only its selected key/value blocks (rows of K/V viewed as
+    [B*H*NQ, block*D]), its diagonal block last, and runs one batched matmul - softmax - matmul.
     Masks stay small: one flag per gathered block (padding) and one [block, block] causal mask
     applied in place to the diagonal slot only. Query blocks run in chunks so the score tensor
     stays under `chunk_elems` elements. Differentiable through autograd (the CPU training path)."""
@@ -407,24 +414,27 @@ def attention_torch(q, k, v, block_idx, block_cnt, block_size, chunk_elems=1 << 
     valid = (slot < cnt[..., None]) & (idx >= 0)
     has_diag = (valid & (idx == i[:, None])).any(-1)                       # [BH, NQ]
     n_off = cnt - has_diag.long()       # ascending + causal: off-diagonal blocks come first
-    width = int(n_off.max()) + 1 if n_off.numel() else 1                   # + the diagonal slot
-    slots = torch.cat([idx[..., :width - 1].clamp(min=0), i.expand(BH, NQ)[..., None]], -1)
-    slot_ok = torch.cat([slot[:width - 1] < n_off[..., None], has_diag[..., None]], -1)
-    flat = (torch.arange(BH, device=q.device)[:, None, None] * NQ + slots)  # [BH, NQ, width]
     causal = torch.ones(bs, bs, dtype=torch.bool, device=q.device).tril()
-    kb = rearrange(k, "b h (n s) d -> (b h n) s d", s=bs)
-    vb = rearrange(v, "b h (n s) d -> (b h n) s d", s=bs)
+    rows = torch.arange(BH, device=q.device)[:, None, None] * NQ
+    kb = rearrange(k, "b h (n s) d -> (b h n) (s d)", s=bs)   # one row per block, for the gather
+    vb = rearrange(v, "b h (n s) d -> (b h n) (s d)", s=bs)
     qb = rearrange(q, "b h (n s) d -> (b h) n s d", s=bs) * D ** -0.5
-    step = max(1, chunk_elems // (BH * bs * bs * width))
+    step = max(1, chunk_elems // (BH * bs * bs * (int(n_off.max()) + 1)))
     outs = []
     for c0 in range(0, NQ, step):
-        sel = flat[:, c0:c0 + step].reshape(-1)                             # [BH * C * width]
-        ks = rearrange(kb.index_select(0, sel), "(z c w) s d -> z c (w s) d", z=BH, w=width)
-        vs = rearrange(vb.index_select(0, sel), "(z c w) s d -> z c (w s) d", z=BH, w=width)
-        s = qb[:, c0:c0 + step] @ ks.transpose(-1, -2)                      # [BH, C, bs, width*bs]
-        s5 = s.unflatten(-1, (width, bs))                                   # [BH, C, bs, width, bs]
-        s5.masked_fill_(~slot_ok[:, c0:c0 + step, None, :, None], float("-inf"))
-        s5[..., -1, :].masked_fill_(~causal, float("-inf"))                 # diagonal slot only
+        c = slice(c0, c0 + step)
+        width = int(n_off[:, c].max()) + 1          # this chunk's widest row + the diagonal slot
+        slots = torch.cat([idx[:, c, :width - 1].clamp(min=0), i[c].expand(BH, -1)[..., None]], -1)
+        ok = torch.cat([slot[:width - 1] < n_off[:, c, None], has_diag[:, c, None]], -1)
+        sel = (rows + slots).reshape(-1)                                    # [BH * C * width]
+        # F.embedding is a row gather whose backward (a sorted segment sum) beats index_select's
+        ks = rearrange(F.embedding(sel, kb), "(z c w) (s d) -> z c (w s) d", z=BH, w=width, d=D)
+        vs = rearrange(F.embedding(sel, vb), "(z c w) (s d) -> z c (w s) d", z=BH, w=width, d=D)
+        s = qb[:, c] @ ks.transpose(-1, -2)                                 # [BH, C, bs, width*bs]
+        with torch.no_grad():   # masked scores get p = 0 and so zero gradient: no mask backward
+            s5 = s.unflatten(-1, (width, bs))                               # [BH, C, bs, width, bs]
+            s5.masked_fill_(~ok[:, :, None, :, None], float("-inf"))        # padding slots
+            s5[..., -1, :].masked_fill_(~causal, float("-inf"))             # diagonal slot only
         outs.append(torch.softmax(s, dim=-1) @ vs)                          # [BH, C, bs, D]
     o = torch.cat(outs, dim=1)                                              # [BH, NQ, bs, D]
     return rearrange(o, "(b h) n s d -> b h (n s) d", b=B)
@@ -455,6 +465,9 @@ def block_sparse_attention(q, k, v, block_idx, block_cnt, block_size, impl="auto
         return attention_reference(q, k, v, block_idx, block_cnt, block_size)
     if impl == "torch":
         return attention_torch(q, k, v, block_idx, block_cnt, block_size)
+    if q.is_cuda and q.element_size() * block_size * D > 4 * 64 * 128:
+        raise ValueError("fp32 Triton on CUDA fits shared memory only for block_size * head_dim "
+                         "<= 8192: use bf16/fp16 (autocast), a smaller block, or impl='torch'")
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("impl='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
                          "triton is imported; on CPU use impl='torch'")
@@ -466,3 +479,157 @@ def sparse_attention(q, k, v, topk, cu_seqlens=None, block_size=64, impl="auto")
     _check_qkv(q, k, v, block_size)
     block_idx, block_cnt = select_blocks(q, k, topk, cu_seqlens, block_size)
     return block_sparse_attention(q, k, v, block_idx, block_cnt, block_size, impl)
+
+
+# ------------------------------------------------------------------------------ benchmark, check
+def _budget_for_density(nq, density):
+    """Smallest budget whose attended block pairs reach `density` of the causal block pairs."""
+    pairs = lambda kb: kb * nq - kb * (kb - 1) // 2                         # noqa: E731
+    return next(kb for kb in range(1, nq + 1) if pairs(kb) >= density * pairs(nq))
+
+
+def _timed(fn, reps, cuda):
+    """Median milliseconds of `reps` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2]
+
+
+def _fwd_bwd(attend, q, k, v, g):
+    def run():
+        for x in (q, k, v):
+            x.grad = None
+        attend(q, k, v).backward(g)
+    return run
+
+
+def bench(lengths, heads, dim, block, reps):
+    """Print fwd and fwd+bwd ms of block-sparse attention at several densities next to dense
+    causal SDPA (flash backend on CUDA). CUDA: Triton in bf16; CPU: the torch path in fp32."""
+    cuda = torch.cuda.is_available()
+    dev, dtype, impl = ("cuda", torch.bfloat16, "triton") if cuda else ("cpu", torch.float32,
+                                                                         "torch")
+    print(f"device={dev} impl={impl} dtype={str(dtype)[6:]} B=1 H={heads} D={dim} block={block}")
+    print(f"{'T':>6} {'density':>8} {'budget':>6} {'select ms':>9} {'fwd ms':>9} "
+          f"{'fwd+bwd ms':>10} {'SDPA f+b ms':>11} {'speedup':>7}" + (" TFLOP/s" if cuda else ""))
+    for T in lengths:
+        try:
+            q, k, v, g = (torch.randn(1, heads, T, dim, device=dev, dtype=dtype) for _ in range(4))
+            q, k, v = (x.requires_grad_() for x in (q, k, v))
+            sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa
+            if cuda:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    dense = _timed(_fwd_bwd(sdpa, q, k, v, g), reps, cuda)
+            else:
+                dense = _timed(_fwd_bwd(sdpa, q, k, v, g), reps, cuda)
+        except Exception as e:                                 # one failure must not end the table
+            print(f"{T:>6} dense SDPA failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        nq = T // block
+        for density in (1, 1 / 2, 1 / 4, 1 / 8):
+            try:
+                kb = _budget_for_density(nq, density)
+                sel = _timed(lambda: select_blocks(q, k, kb, None, block), reps, cuda)
+                idx, cnt = select_blocks(q, k, kb, None, block)
+                def attend(a, b, c):
+                    return block_sparse_attention(a, b, c, idx, cnt, block, impl)
+                with torch.no_grad():
+                    fwd = _timed(lambda: attend(q, k, v), reps, cuda)
+                fb = _timed(_fwd_bwd(attend, q, k, v, g), reps, cuda)
+                pairs = int(cnt.sum()) // heads                          # attended block pairs
+                tokens = (pairs - nq) * block * block + nq * block * (block + 1) // 2
+                flops = 3.5 * 4 * dim * tokens * heads                   # fwd 2 matmuls, bwd 5
+                line = (f"{T:>6} {pairs / (nq * (nq + 1) / 2):>8.3f} {kb:>6} {sel:>9.2f} "
+                        f"{fwd:>9.2f} {fb:>10.2f} {dense:>11.2f} {dense / fb:>6.2f}x")
+                print(line + (f" {flops / fb / 1e9:>7.1f}" if cuda else ""), flush=True)
+            except Exception as e:
+                print(f"{T:>6} density {density:.3f} failed: {type(e).__name__}: {str(e)[:200]}")
+
+
+def _grads(impl, x, idx, cnt, bs, dtype):
+    """Output and dq, dk, dv of one impl, inputs cast to dtype; x = [q, k, v, do]."""
+    q, k, v = (t.detach().to(dtype).clone().requires_grad_() for t in x[:3])
+    o = block_sparse_attention(q, k, v, idx, cnt, bs, impl)
+    o.backward(x[3].to(dtype))
+    return [o.detach(), q.grad, k.grad, v.grad]
+
+
+def check():
+    """CUDA: the Triton kernels against the fp32 reference in bf16 and fp16 (outputs and grads,
+    errors relative to the reference's max / mean magnitude), and bitwise-equal reruns."""
+    cases = [  # B, H, T, D, block, cu_seqlens, topk
+        (2, 2, 512, 64, 64, [0, 64, 256, 512, 640, 1024], 3),
+        (1, 4, 1024, 128, 64, None, 5),
+        (1, 2, 1024, 128, 128, [0, 128, 512, 1024], torch.tensor([1, 2, 3])),
+        (2, 2, 256, 32, 32, [0, 32, 256, 288, 512], 100),
+    ]
+    tols = {torch.bfloat16: (3e-2, 1e-2), torch.float16: (5e-3, 2e-3)}   # relative max, mean
+    failures = 0
+    for dtype, (tol_max, tol_mean) in tols.items():
+        for B, H, T, D, bs, cu, topk in cases:
+            docs = B if cu is None else len(cu) - 1
+            name = f"{str(dtype)[6:]:>8} B{B} H{H} T{T} D{D} block{bs} docs={docs}"
+            try:
+                x = [torch.randn(B, H, T, D, device="cuda").to(dtype) for _ in range(4)]
+                cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
+                idx, cnt = select_blocks(x[0], x[1], topk, cu_t, bs)
+                got = _grads("triton", x, idx, cnt, bs, dtype)
+                want = _grads("reference", x, idx, cnt, bs, torch.float32)
+                rerun = _grads("triton", x, idx, cnt, bs, dtype)
+                same = all(torch.equal(a, b) for a, b in zip(got, rerun))
+                ok, errs = same, []
+                for n, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+                    d = (a.float() - b).abs()
+                    mx, mn = float(d.max() / b.abs().max()), float(d.mean() / b.abs().mean())
+                    ok &= mx <= tol_max and mn <= tol_mean
+                    errs.append(f"{n} {mx:.1e}/{mn:.1e}")
+                print(f"{'ok  ' if ok else 'FAIL'} {name}  rel err max/mean: {', '.join(errs)}  "
+                      f"rerun bitwise equal: {same}", flush=True)
+            except Exception as e:
+                ok = False
+                print(f"FAIL {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            failures += not ok
+    return failures
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Block-sparse attention: speed table (--bench, "
+                                 "the default) and, on CUDA, Triton correctness in bf16/fp16 "
+                                 "(--check).")
+    ap.add_argument("--bench", action="store_true", help="print the speed table (default action)")
+    ap.add_argument("--check", action="store_true",
+                    help="CUDA only: kernels vs reference in bf16/fp16; exit 1 on failure")
+    ap.add_argument("--lengths", type=int, nargs="+",
+                    help="sequence lengths (default: CPU 2048 8192, CUDA 8192 32768)")
+    ap.add_argument("--heads", type=int, help="heads (default: CPU 4, CUDA 16)")
+    ap.add_argument("--dim", type=int, help="head dim (default: CPU 64, CUDA 128)")
+    ap.add_argument("--block", type=int, default=64, help="block size (default 64)")
+    ap.add_argument("--reps", type=int,
+                    help="timed repetitions per number, median reported (default: CPU 3, CUDA 10)")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    if args.check:
+        if not cuda:
+            sys.exit("--check needs a CUDA GPU; on CPU run: python -m pytest -q "
+                     "tests/test_attention.py")
+        n_fail = check()
+        print(f"check: {n_fail} failure(s)")
+        if n_fail:
+            sys.exit(1)
+    if args.bench or not args.check:
+        bench(args.lengths or ([8192, 32768] if cuda else [2048, 8192]),
+              args.heads or (16 if cuda else 4), args.dim or (128 if cuda else 64), args.block,
+              args.reps or (10 if cuda else 3))
