@@ -13,6 +13,15 @@ from model import GPT, GPTConfig, NgramEmbedding
 TINY = dict(n_layer=2, n_head=2, n_embd=32, max_seq_len=64, attn_block=16, topk=2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes on a shared 2-core machine: a second intra-op thread only adds waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**kw):
     torch.manual_seed(0)
     return GPT(GPTConfig(**{**TINY, **kw})).eval()
