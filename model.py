@@ -523,12 +523,11 @@ def distinct_ngrams(tokens, n, vocab=257, eos_id=256):
 def collided(codes, sizes):
     """Per distinct n-gram: does it share its bucket with another n-gram in every table (sizes)?
     And does another n-gram land in exactly the same buckets of all tables (indistinguishable)?"""
-    every, key = torch.ones_like(codes, dtype=torch.bool), torch.zeros_like(codes)
-    for M in sizes:
-        b = codes % M
+    buckets = torch.stack([codes % M for M in sizes], dim=1)          # (n-grams, tables)
+    every = torch.ones_like(codes, dtype=torch.bool)
+    for b, M in zip(buckets.T, sizes):
         every &= torch.bincount(b, minlength=M)[b] > 1
-        key = key * M + b
-    _, inv, cnt = torch.unique(key, return_inverse=True, return_counts=True)
+    _, inv, cnt = torch.unique(buckets, dim=0, return_inverse=True, return_counts=True)
     return every, cnt[inv] > 1
 
 
@@ -579,14 +578,16 @@ def params_report():
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--collisions", action="store_true", help="n-gram hash collisions near integer multiples of the vocabulary, and with K tables")
-    ap.add_argument("--max-bytes", type=int, default=4_000_000, help="corpus bytes for --collisions (default 4,000,000: ~20 s; the whole stdlib is ~13 MB)")
+    ap.add_argument("--collisions", action="store_true",
+                    help="n-gram hash collisions near integer multiples of the vocabulary, and with K tables")
+    ap.add_argument("--max-bytes", type=int, default=4_000_000,
+                    help="corpus bytes for --collisions (default 4,000,000, under a minute; the stdlib has ~12 MB)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[10.37, 40.37],
                     help="sub-table ratios for the all-K collision table")
     ap.add_argument("--params", action="store_true", help="parameter counts of the COMPARE configs")
     args = ap.parse_args()
-    if args.max_bytes < 1:
-        ap.error("--max-bytes must be >= 1")
+    if args.max_bytes < 1 or min(args.ratios) <= 0:
+        ap.error("--max-bytes must be >= 1 and every --ratios value > 0")
     if args.collisions:
         collision_report(args.max_bytes, ratios=args.ratios)
     if args.params:
