@@ -9,11 +9,11 @@ causal mask applied inside the diagonal block. `topk` is the per-sequence budget
 
 The layout is data you can print: per query block, the ascending list of selected key blocks and a
 count. Two documents of 3 and 2 blocks in one row (cu_seqlens = [0, 192, 320], block 64), topk=2:
-    block_idx[b, h] = [[0, -1],      block_cnt[b, h] = [1,
-                       [0,  1],                         2,
-                       [1,  2],   <- block 2 kept 1 of {0, 1}        2,
-                       [3, -1],   <- a new document starts: 3 sees only itself     1,
-                       [3,  4]]                         2]
+    block_idx[b, h] = [[0, -1],      block_cnt[b, h] = [1, 2, 2, 1, 2]
+                       [0,  1],
+                       [0,  2],      <- block 2 kept the better of {0, 1}, and itself
+                       [3, -1],      <- a new document: block 3 sees only itself
+                       [3,  4]]
 Padding is -1; the diagonal block is always present and, being the largest entry, always last.
 
 The kernel loop (one program per query block and batch-head, FlashAttention-2 style):
@@ -42,6 +42,7 @@ import triton.language as tl
 from einops import rearrange
 
 IMPLS = ("auto", "triton", "torch", "reference")
+LOG2E = 1.4426950408889634                  # exp(x) = exp2(x * log2(e))
 
 
 # ------------------------------------------------------------------------------ input checks
@@ -352,7 +353,7 @@ def _transpose_layout(block_idx, block_cnt):
 
 def _launch_cfg(block, head_dim, elem_bytes):
     """num_warps / num_stages that fit H100 shared memory (checked by compiling for sm_90: bf16
-    block 128 x D 128 with 2 stages needs 132 KB of the 227 KB; fp32 at that size needs 1 stage)."""
+    at block 128 x D 128 needs 132 KB of the 227 KB; fp32 above 64 x 128 does not fit)."""
     return dict(num_warps=4 if block * head_dim <= 64 * 128 else 8,
                 num_stages=2 if elem_bytes * block * head_dim <= 2 * 128 * 128 else 1)
 
@@ -368,7 +369,7 @@ class _TritonBlockSparse(torch.autograd.Function):
         o = torch.empty_like(q)
         lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
         sm_scale = D ** -0.5
-        _fwd_kernel[(NQ, B * H)](q, k, v, o, lse, idx, cnt, sm_scale * 1.4426950408889634,
+        _fwd_kernel[(NQ, B * H)](q, k, v, o, lse, idx, cnt, sm_scale * LOG2E,
                                  T * D, D, T, NQ, idx.shape[-1], UPCAST=not q.is_cuda,
                                  BLOCK=block_size, HEAD_DIM=D,
                                  **_launch_cfg(block_size, D, q.element_size()))
@@ -389,9 +390,9 @@ class _TritonBlockSparse(torch.autograd.Function):
         common = dict(UPCAST=not q.is_cuda, BLOCK=BS, HEAD_DIM=D,
                       **_launch_cfg(BS, D, q.element_size()))
         _dkdv_kernel[(NQ, B * H)](q, k, v, do, dk, dv, lse, delta, qidx, qcnt, sm_scale,
-                                  sm_scale * 1.4426950408889634, T * D, D, T, NQ, **common)
+                                  sm_scale * LOG2E, T * D, D, T, NQ, **common)
         _dq_kernel[(NQ, B * H)](q, k, v, do, dq, lse, delta, idx, cnt, sm_scale,
-                                sm_scale * 1.4426950408889634, T * D, D, T, NQ, idx.shape[-1],
+                                sm_scale * LOG2E, T * D, D, T, NQ, idx.shape[-1],
                                 **common)
         return dq, dk, dv, None, None, None
 
@@ -488,23 +489,25 @@ def _budget_for_density(nq, density):
     return next(kb for kb in range(1, nq + 1) if pairs(kb) >= density * pairs(nq))
 
 
-def _timed(fn, reps, cuda):
-    """Median milliseconds of `reps` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return sorted(times)[len(times) // 2]
+def _timed(fns, reps, cuda):
+    """Best-of-`reps` milliseconds of each function, calling them in turn so that they share the
+    same machine load (noise on a shared machine only adds time); on CUDA after one warm-up call
+    each, which also compiles the kernels."""
+    times = [[] for _ in fns]
+    for rep in range(reps + cuda):
+        for fn, t in zip(fns, times):
+            if cuda:
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                t.append(start.elapsed_time(end) if rep else float("inf"))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                t.append(1e3 * (time.perf_counter() - t0))
+    return [min(t) for t in times]
 
 
 def _fwd_bwd(attend, q, k, v, g):
@@ -517,38 +520,38 @@ def _fwd_bwd(attend, q, k, v, g):
 
 def bench(lengths, heads, dim, block, reps):
     """Print fwd and fwd+bwd ms of block-sparse attention at several densities next to dense
-    causal SDPA (flash backend on CUDA). CUDA: Triton in bf16; CPU: the torch path in fp32."""
+    causal SDPA (flash backend on CUDA), timed in turn with each row. CUDA: Triton in bf16; CPU:
+    the torch path in fp32. TFLOP/s counts attended (causal) pairs, fwd+bwd = 3.5x fwd."""
     cuda = torch.cuda.is_available()
     dev, dtype, impl = ("cuda", torch.bfloat16, "triton") if cuda else ("cpu", torch.float32,
                                                                          "torch")
     print(f"device={dev} impl={impl} dtype={str(dtype)[6:]} B=1 H={heads} D={dim} block={block}")
     print(f"{'T':>6} {'density':>8} {'budget':>6} {'select ms':>9} {'fwd ms':>9} "
           f"{'fwd+bwd ms':>10} {'SDPA f+b ms':>11} {'speedup':>7}" + (" TFLOP/s" if cuda else ""))
+
+    def sdpa(a, b, c):
+        if not cuda:
+            return F.scaled_dot_product_attention(a, b, c, is_causal=True)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(a, b, c, is_causal=True)
+
     for T in lengths:
-        try:
-            q, k, v, g = (torch.randn(1, heads, T, dim, device=dev, dtype=dtype) for _ in range(4))
-            q, k, v = (x.requires_grad_() for x in (q, k, v))
-            sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa
-            if cuda:
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    dense = _timed(_fwd_bwd(sdpa, q, k, v, g), reps, cuda)
-            else:
-                dense = _timed(_fwd_bwd(sdpa, q, k, v, g), reps, cuda)
-        except Exception as e:                                 # one failure must not end the table
-            print(f"{T:>6} dense SDPA failed: {type(e).__name__}: {str(e)[:200]}")
-            continue
         nq = T // block
+        q, k, v, g = (torch.randn(1, heads, T, dim, device=dev, dtype=dtype) for _ in range(4))
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
         for density in (1, 1 / 2, 1 / 4, 1 / 8):
-            try:
+            try:                                             # one failure must not end the table
                 kb = _budget_for_density(nq, density)
-                sel = _timed(lambda: select_blocks(q, k, kb, None, block), reps, cuda)
                 idx, cnt = select_blocks(q, k, kb, None, block)
+
                 def attend(a, b, c):
                     return block_sparse_attention(a, b, c, idx, cnt, block, impl)
                 with torch.no_grad():
-                    fwd = _timed(lambda: attend(q, k, v), reps, cuda)
-                fb = _timed(_fwd_bwd(attend, q, k, v, g), reps, cuda)
+                    sel, fwd = _timed([lambda: select_blocks(q, k, kb, None, block),
+                                       lambda: attend(q, k, v)], reps, cuda)
+                fb, dense = _timed([_fwd_bwd(attend, q, k, v, g), _fwd_bwd(sdpa, q, k, v, g)],
+                                   reps, cuda)
                 pairs = int(cnt.sum()) // heads                          # attended block pairs
                 tokens = (pairs - nq) * block * block + nq * block * (block + 1) // 2
                 flops = 3.5 * 4 * dim * tokens * heads                   # fwd 2 matmuls, bwd 5
@@ -556,7 +559,8 @@ def bench(lengths, heads, dim, block, reps):
                         f"{fwd:>9.2f} {fb:>10.2f} {dense:>11.2f} {dense / fb:>6.2f}x")
                 print(line + (f" {flops / fb / 1e9:>7.1f}" if cuda else ""), flush=True)
             except Exception as e:
-                print(f"{T:>6} density {density:.3f} failed: {type(e).__name__}: {str(e)[:200]}")
+                print(f"{T:>6} density {density:.3f} failed: {type(e).__name__}: {str(e)[:200]}",
+                      flush=True)
 
 
 def _grads(impl, x, idx, cnt, bs, dtype):
@@ -618,7 +622,7 @@ if __name__ == "__main__":
     ap.add_argument("--dim", type=int, help="head dim (default: CPU 64, CUDA 128)")
     ap.add_argument("--block", type=int, default=64, help="block size (default 64)")
     ap.add_argument("--reps", type=int,
-                    help="timed repetitions per number, median reported (default: CPU 3, CUDA 10)")
+                    help="timed repetitions per number, best reported (default: CPU 2, CUDA 10)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     if args.check:
@@ -632,4 +636,4 @@ if __name__ == "__main__":
     if args.bench or not args.check:
         bench(args.lengths or ([8192, 32768] if cuda else [2048, 8192]),
               args.heads or (16 if cuda else 4), args.dim or (128 if cuda else 64), args.block,
-              args.reps or (10 if cuda else 3))
+              args.reps or (10 if cuda else 2))

@@ -80,7 +80,7 @@ def test_select_blocks_matches_brute_force_and_invariants(name, topk):
     want = _brute_select(q, k, budget, first, bs)
     for (b, h, i), blocks in want.items():
         c = int(cnt[b, h, i])
-        assert c == min(budget[b][i], i - first[b][i] + 1)           # count = min(budget, available)
+        assert c == min(budget[b][i], i - first[b][i] + 1)           # min(budget, available)
         row = idx[b, h, i].tolist()
         assert row[:c] == blocks and all(x == -1 for x in row[c:])   # sorted, same doc, padded
         assert row[c - 1] == i                                        # diagonal present, last
@@ -158,7 +158,7 @@ def test_torch_two_runs_bitwise_equal():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-# ------------------------------------------------------------------------------ triton (interpreter)
+# ------------------------------------------------------------------------- triton (interpreted)
 # (layout, budget): several documents per row with 1-block documents, B and H > 1, budget 1,
 # budget >= every block, per-sequence budgets. Each case costs a few seconds in the interpreter.
 TRITON_CASES = [("multi_doc", 2), ("multi_doc", "per_seq"), ("one_doc", 1), ("single_blocks", 100),
@@ -198,15 +198,16 @@ def test_triton_two_runs_bitwise_equal():
 # ------------------------------------------------------------------------------ bad input
 def _bad_calls():
     q = torch.randn(1, 2, 64, 16)
+    q40, q24, q8 = q[:, :, :40], torch.randn(1, 1, 32, 24), torch.randn(1, 1, 32, 8)
+    q2 = torch.randn(2, 1, 32, 16)
     cu = lambda *c: torch.tensor(c, dtype=torch.int32)                       # noqa: E731
     idx, cnt = A.select_blocks(q, q, 2, None, 16)
     return {
-        "T not block aligned": lambda: A.sparse_attention(q[:, :, :40], q[:, :, :40], q[:, :, :40], 2),
+        "T not block aligned": lambda: A.sparse_attention(q40, q40, q40, 2),
         "cu not block aligned": lambda: A.select_blocks(q, q, 2, cu(0, 24, 64), 16),
         "cu not increasing": lambda: A.select_blocks(q, q, 2, cu(0, 32, 32, 64), 16),
         "cu wrong end": lambda: A.select_blocks(q, q, 2, cu(0, 32), 16),
-        "cu crosses row": lambda: A.select_blocks(torch.randn(2, 1, 32, 16),
-                                                  torch.randn(2, 1, 32, 16), 2, cu(0, 16, 48, 64), 16),
+        "cu crosses row": lambda: A.select_blocks(q2, q2, 2, cu(0, 16, 48, 64), 16),
         "budget zero": lambda: A.select_blocks(q, q, 0, None, 16),
         "budget tensor < 1": lambda: A.select_blocks(q, q, torch.tensor([0]), None, 16),
         "budget wrong length": lambda: A.select_blocks(q, q, torch.tensor([2, 2]), None, 16),
@@ -215,7 +216,8 @@ def _bad_calls():
         "dtype mismatch": lambda: A.sparse_attention(q, q.double(), q, 2, block_size=16),
         "block not pow2": lambda: A.sparse_attention(q, q, q, 2, block_size=24),
         "block too small": lambda: A.sparse_attention(q, q, q, 2, block_size=8),
-        "head dim not pow2": lambda: A.sparse_attention(*[torch.randn(1, 1, 32, 24)] * 3, 2, None, 16),
+        "head dim not pow2": lambda: A.sparse_attention(q24, q24, q24, 2, None, 16),
+        "head dim too small": lambda: A.sparse_attention(q8, q8, q8, 2, None, 16),
         "not 4-d": lambda: A.sparse_attention(q[0], q[0], q[0], 2, block_size=16),
         "bad impl": lambda: A.block_sparse_attention(q, q, q, idx, cnt, 16, impl="cuda"),
         "layout shape": lambda: A.block_sparse_attention(q, q, q, idx[:, :, :2], cnt, 16),
