@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import GPT
+from model import GPT, stdlib_corpus
 
 # -----------------------------------------------------------------------------
 # Loading and checking inputs (errors are raised here, at the boundary)
@@ -351,55 +351,80 @@ def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperatur
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: every method timed by the same harness, greedy, on the same prompt
+# Benchmark: every method timed by the same harness on the same prompts
 
 
 def encode(text):
     return torch.tensor([list(text.encode("utf-8"))], dtype=torch.long)
 
 
+def corpus_prompts(n, length=64):
+    """n prompts of `length` tokens from the default corpus (the standard library's sources), each
+    starting after a newline at evenly spaced offsets: the same prompts on every run."""
+    data = stdlib_corpus()
+    prompts = []
+    for i in range(n):
+        start = (2 * i + 1) * len(data) // (2 * n)
+        newline = (data[start:start + 4096] == 10).nonzero()
+        start += int(newline[0]) + 1 if len(newline) else 0
+        prompts.append(data[None, start:start + length])
+    return prompts
+
+
 def format_hist(hist):
     return " ".join(str(h) for h in hist)
 
 
-def bench(target, draft, prompt, max_new_tokens, gammas=(2, 4, 6), repeats=1):
-    """Greedy tokens/s of plain KV decoding, full recompute, and speculative decoding with the draft
-    model and the N-gram drafter; prints one table. Speedups are relative to plain KV decoding."""
-    idx = encode(prompt)
+def bench(target, draft, prompts, max_new_tokens, gammas=(2, 4, 6), temperature=0.0, repeats=1):
+    """Tokens/s of plain KV decoding, full recompute, and speculative decoding with the draft model
+    and the N-gram drafter, summed over the prompts; prints one table. Speedups are relative to
+    plain KV decoding; "same output" compares with it token for token (greedy only)."""
+    greedy = temperature == 0
 
-    def timed(fn):
-        best, out = float("inf"), None
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = fn()
-            best = min(best, time.perf_counter() - t0)
-        return out, best
+    def run(name, fn):
+        seconds, outs, st_sum = 0.0, [], {"drafted": 0, "accepted": 0, "rounds": 0, "hist": None}
+        for idx in prompts:
+            best = float("inf")
+            for _ in range(repeats):  # a fresh generator per run: every repeat draws the same tokens
+                gen = torch.Generator().manual_seed(0)
+                t0 = time.perf_counter()
+                res = fn(idx, gen)
+                best = min(best, time.perf_counter() - t0)
+            seconds += best
+            out, st = res if isinstance(res, tuple) else (res, None)
+            outs.append(out)
+            if st is not None:
+                for k in ("drafted", "accepted", "rounds"):
+                    st_sum[k] += st[k]
+                h = st_sum["hist"] or [0] * len(st["hist"])
+                st_sum["hist"] = [x + y for x, y in zip(h, st["hist"])]
+        tokens = sum(o.size(1) - p.size(1) for o, p in zip(outs, prompts))
+        return {"name": name, "tps": tokens / seconds, "outs": outs,
+                "st": st_sum if st_sum["hist"] else None}
 
-    ref, t_kv = timed(lambda: generate(target, idx, max_new_tokens))
-    rows = [("plain, KV cache", max_new_tokens / t_kv, 1.0, None, None, "yes")]
-    out, t_re = timed(lambda: generate_recompute(target, idx, max_new_tokens))
-    rows.insert(0, ("plain, recompute all", max_new_tokens / t_re, t_kv / t_re, None, None,
-                    "yes" if torch.equal(out, ref) else "NO"))
-    drafters = []
-    if draft is not None:
-        drafters.append(("draft model", draft))
-    if getattr(target.config, "ngram_draft_head", False) and ngram_embedding(target) is not None:
+    kw = dict(temperature=temperature)
+    rows = [run("plain, recompute all", lambda i, g: generate_recompute(target, i, max_new_tokens, generator=g, **kw)),
+            run("plain, KV cache", lambda i, g: generate(target, i, max_new_tokens, generator=g, **kw))]
+    drafters = [("draft model", draft)] if draft is not None else []
+    if target.config.ngram_draft_head and ngram_embedding(target) is not None:
         drafters.append(("N-gram drafter", "ngram"))
     for name, d in drafters:
-        for g in gammas:
-            (out, st), t = timed(lambda: speculative_generate(target, d, idx, max_new_tokens, gamma=g))
-            same = "yes" if torch.equal(out, ref) else "NO"
-            rows.append((f"{name}, gamma {g}", max_new_tokens / t, t_kv / t, st["acceptance"],
-                         st["mean_accepted"], same, format_hist(st["hist"])))
-    print(f"\ngreedy, prompt {idx.size(1)} tokens, {max_new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads, best of {repeats}")
-    print(f"| method | tokens/s | speedup | acceptance | accepted/round | same output | histogram |")
+        for gamma in gammas:
+            rows.append(run(f"{name}, gamma {gamma}", lambda i, g: speculative_generate(
+                target, d, i, max_new_tokens, gamma=gamma, generator=g, **kw)))
+    ref = rows[1]
+    mode = "greedy" if greedy else f"sampling at temperature {temperature}"
+    print(f"\n{mode}; {len(prompts)} prompt(s) of {prompts[0].size(1)} tokens, {max_new_tokens} new "
+          f"tokens each; {torch.get_num_threads()} thread(s); best of {repeats} per prompt")
+    print("| method | tokens/s | speedup | acceptance | drafts kept/round | same output | histogram |")
     print("|---|---:|---:|---:|---:|---|---|")
     for r in rows:
-        acc = "-" if r[3] is None else f"{r[3]:.2f}"
-        mal = "-" if r[4] is None else f"{r[4]:.2f}"
-        hist = r[6] if len(r) > 6 else "-"
-        print(f"| {r[0]} | {r[1]:.1f} | {r[2]:.2f}x | {acc} | {mal} | {r[5]} | {hist} |")
+        st = r["st"]
+        same = "-" if not greedy else "yes" if all(torch.equal(a, b) for a, b in zip(r["outs"], ref["outs"])) else "NO"
+        acc = "-" if st is None else f"{st['accepted'] / max(st['drafted'], 1):.2f}"
+        kept = "-" if st is None else f"{st['accepted'] / max(st['rounds'], 1):.2f}"
+        hist = "-" if st is None else format_hist(st["hist"])
+        print(f"| {r['name']} | {r['tps']:.1f} | {r['tps'] / ref['tps']:.2f}x | {acc} | {kept} | {same} | {hist} |")
     return rows
 
 
@@ -410,7 +435,8 @@ def bench(target, draft, prompt, max_new_tokens, gammas=(2, 4, 6), repeats=1):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="target checkpoint written by train.py")
-    ap.add_argument("--prompt", default="def ", help="text to continue (UTF-8 bytes are the tokens)")
+    ap.add_argument("--prompt", default=None, help="text to continue (UTF-8 bytes are the tokens); "
+                    "default 'def ', or for --bench a few prompts from the default corpus")
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ap.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
@@ -423,7 +449,8 @@ def main(argv=None):
     ap.add_argument("--gamma", type=int, default=4, help="draft tokens per verification")
     ap.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document id")
     ap.add_argument("--bench", action="store_true", help="print the speed table and exit")
-    ap.add_argument("--bench-repeats", type=int, default=1, help="best of this many runs per row")
+    ap.add_argument("--bench-repeats", type=int, default=1, help="best of this many runs per prompt")
+    ap.add_argument("--bench-prompts", type=int, default=4, help="prompts taken from the default corpus")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy CPU")
@@ -442,11 +469,13 @@ def main(argv=None):
         draft = load_model(args.draft_ckpt, args.device)
         ModelDrafter(draft, target)  # checks the vocabulary now, before any work
     if args.bench:
-        bench(target, draft, args.prompt, args.max_new_tokens, repeats=args.bench_repeats)
+        prompts = [encode(args.prompt)] if args.prompt is not None else corpus_prompts(args.bench_prompts)
+        bench(target, draft, [p.to(args.device) for p in prompts], args.max_new_tokens,
+              temperature=args.temperature, repeats=args.bench_repeats)
         return
     if args.draft == "ngram":
         NgramDrafter(target)  # checks the draft head now
-    idx = encode(args.prompt).to(args.device)
+    idx = encode("def " if args.prompt is None else args.prompt).to(args.device)
     eos = target.config.eos_id if args.stop_at_eos else None
 
     def stream(tokens):  # bytes as they are produced; the end-of-document id prints nothing

@@ -266,6 +266,6 @@ def test_cli_generate_and_bench(tmp_path, capsysbinary):
     infer.main(["--ckpt", t, "--prompt", "ab", "--max-new-tokens", "6", "--draft", "model",
                 "--draft-ckpt", d])
     assert capsysbinary.readouterr().out == plain  # greedy: the same bytes either way
-    infer.main(["--bench", "--ckpt", t, "--draft-ckpt", d, "--max-new-tokens", "8"])
+    infer.main(["--bench", "--ckpt", t, "--draft-ckpt", d, "--max-new-tokens", "8", "--prompt", "ab"])
     table = capsysbinary.readouterr().out.decode()
     assert table.count("gamma") == 6 and "NO" not in table
