@@ -2,15 +2,17 @@
 Generation for the N-gram Embedding GPT: a KV cache plus an n-gram cache, exact speculative
 decoding, and the N-gram drafter (ngram_embedding.md, "Inference").
 
-Sample from a checkpoint written by train.py (bytes stream to stdout as they are produced):
-    python infer.py --ckpt out/ckpt.pt --prompt "def " --max-new-tokens 200
-    python infer.py --ckpt out/ckpt.pt --prompt "import " --temperature 0.8 --top-p 0.95 --seed 1
-Speculative decoding with a small draft model (train.py --preset draft), or with the target's own
-N-gram draft head (no second model at all):
-    python infer.py --ckpt out/ckpt.pt --draft model --draft-ckpt out/draft.pt --gamma 4
-    python infer.py --ckpt out/ckpt.pt --draft ngram --gamma 4
-Benchmark (one table: plain, recompute-everything, speculative with both drafters, gamma 2/4/6):
-    python infer.py --bench --ckpt out/ckpt.pt --draft-ckpt out/draft.pt
+Checkpoints come from train.py: a target with the N-gram draft head, and a small draft model:
+    python train.py --ngram-draft-head true            # -> out/cpu-quick/ckpt.pt
+    python train.py --preset draft                     # -> out/draft/ckpt.pt
+Sample (bytes stream to stdout as they are produced):
+    python infer.py --ckpt out/cpu-quick/ckpt.pt --prompt "def " --max-new-tokens 200
+    python infer.py --ckpt out/cpu-quick/ckpt.pt --temperature 0.8 --top-p 0.95 --seed 1
+Speculative decoding with the draft model, or with the target's own N-gram drafter:
+    python infer.py --ckpt out/cpu-quick/ckpt.pt --draft model --draft-ckpt out/draft/ckpt.pt --gamma 4
+    python infer.py --ckpt out/cpu-quick/ckpt.pt --draft ngram --gamma 4
+Benchmark (one table: recompute-everything, plain KV, speculative with both drafters, gamma 2/4/6):
+    python infer.py --bench --ckpt out/cpu-quick/ckpt.pt --draft-ckpt out/draft/ckpt.pt --threads 1
 
 Library: `generate(model, idx, max_new_tokens, ...)` and
 `speculative_generate(target, draft, idx, max_new_tokens, gamma=4, ...) -> (tokens, stats)`
