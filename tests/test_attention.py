@@ -139,7 +139,7 @@ def test_torch_chunking_does_not_change_the_result():
     assert (whole - chunked).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("impl", ["torch", "reference", "triton"])
+@pytest.mark.parametrize("impl", ["auto", "torch", "reference", "triton"])
 def test_dense_budget_equals_causal_sdpa_per_document(impl):
     B, H, T, D, bs, cu = LAYOUTS["multi_doc"]
     q, k, v, _ = _inputs(B, H, T, D, seed=5)
