@@ -571,15 +571,17 @@ def _grads(impl, x, idx, cnt, bs, dtype):
     return [o.detach(), q.grad, k.grad, v.grad]
 
 
-def check():
+CHECK_CASES = [  # B, H, T, D, block, cu_seqlens, topk
+    (2, 2, 512, 64, 64, [0, 64, 256, 512, 640, 1024], 3),
+    (1, 4, 1024, 128, 64, None, 5),
+    (1, 2, 1024, 128, 128, [0, 128, 512, 1024], torch.tensor([1, 2, 3])),
+    (2, 2, 256, 32, 32, [0, 32, 256, 288, 512], 100),
+]
+
+
+def check(cases=CHECK_CASES, device="cuda"):
     """CUDA: the Triton kernels against the fp32 reference in bf16 and fp16 (outputs and grads,
     errors relative to the reference's max / mean magnitude), and bitwise-equal reruns."""
-    cases = [  # B, H, T, D, block, cu_seqlens, topk
-        (2, 2, 512, 64, 64, [0, 64, 256, 512, 640, 1024], 3),
-        (1, 4, 1024, 128, 64, None, 5),
-        (1, 2, 1024, 128, 128, [0, 128, 512, 1024], torch.tensor([1, 2, 3])),
-        (2, 2, 256, 32, 32, [0, 32, 256, 288, 512], 100),
-    ]
     tols = {torch.bfloat16: (3e-2, 1e-2), torch.float16: (5e-3, 2e-3)}   # relative max, mean
     failures = 0
     for dtype, (tol_max, tol_mean) in tols.items():
@@ -587,8 +589,8 @@ def check():
             docs = B if cu is None else len(cu) - 1
             name = f"{str(dtype)[6:]:>8} B{B} H{H} T{T} D{D} block{bs} docs={docs}"
             try:
-                x = [torch.randn(B, H, T, D, device="cuda").to(dtype) for _ in range(4)]
-                cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
+                x = [torch.randn(B, H, T, D, device=device).to(dtype) for _ in range(4)]
+                cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
                 idx, cnt = select_blocks(x[0], x[1], topk, cu_t, bs)
                 got = _grads("triton", x, idx, cnt, bs, dtype)
                 want = _grads("reference", x, idx, cnt, bs, torch.float32)

@@ -229,3 +229,15 @@ def _bad_calls():
 def test_bad_input_raises_value_error(case):
     with pytest.raises(ValueError):
         _bad_calls()[case]()
+
+
+# ------------------------------------------------------------------------------ scripts
+def test_check_script_passes_on_tiny_cases():
+    """`python attention.py --check` logic (meant for CUDA), run here under the interpreter."""
+    assert A.check([(1, 1, 64, 16, 16, [0, 16, 64], 2)], device="cpu") == 0
+
+
+def test_bench_prints_every_row(capsys):
+    A.bench([128], heads=1, dim=16, block=16, reps=1)
+    out = capsys.readouterr().out
+    assert "failed" not in out and len(out.strip().splitlines()) == 2 + 4   # header + 4 densities
