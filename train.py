@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import sys
 import sysconfig
 import time
 import zlib
@@ -51,16 +50,16 @@ EOS = 256  # end-of-document id; byte ids are 0..255
 PRESETS = {
     # A tiny model that trains on two CPU cores in about three minutes.
     "cpu-quick": dict(n_layer=4, n_head=4, n_embd=128, max_seq_len=512, attn_block=64, topk=4,
-                      batch_size=16, micro=0, steps=300, lr=3e-3, warmup=30, eval_every=100,
-                      eval_samples=64, ckpt_every=100),
+                      batch_size=8, micro=0, steps=200, lr=3e-3, warmup=20, eval_every=50,
+                      eval_samples=64, ckpt_every=50),
     # A larger default for one GPU.
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, max_seq_len=4096, attn_block=64, topk=16,
                 batch_size=32, micro=0, steps=5000, lr=1e-3, warmup=200, eval_every=500,
                 eval_samples=256, ckpt_every=500),
     # Long sequences and a narrow model: attention dominates, so budgets move step time (2 CPU ranks).
-    "balance-demo": dict(n_layer=2, n_head=2, n_embd=64, max_seq_len=8192, attn_block=64, topk=8,
-                         batch_size=8, micro=0, steps=20, lr=2e-3, warmup=5, eval_every=20,
-                         eval_samples=8, ckpt_every=0, balance="sab+dst", length_bias=1.0),
+    "balance-demo": dict(n_layer=2, n_head=2, n_embd=64, max_seq_len=16384, attn_block=64, topk=8,
+                         batch_size=6, micro=0, steps=12, lr=2e-3, warmup=3, eval_every=12,
+                         eval_samples=4, ckpt_every=0, balance="sab+dst"),
     # Dense vs MoE (same active parameters) vs N-gram embedding (same total parameters as the MoE).
     "ngram-vs-moe": dict(n_layer=4, n_head=4, n_embd=128, max_seq_len=512, attn_block=64, topk=4,
                          batch_size=16, micro=0, steps=300, lr=3e-3, warmup=30, eval_every=100,
@@ -96,7 +95,8 @@ def get_args(argv=None):
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     a("--balance", default="none", help=f"{' | '.join(BALANCE)}: batching policy and DST")
     a("--anchor", default="mean", help="DST anchor: mean | min | max (paper: mean)")
-    a("--p", type=float, default=0.1, help="DST threshold: coverage may drop by at most this share")
+    a("--p", type=float, default=0.1, help="DST threshold: coverage may drop by at most this share "
+      "(balance.tune_budgets; train.py passes no coverage curves yet, so DST's floor is ceil(k0/2))")
     a("--cost-model", default="analytic", help="analytic (FLOPs) | profile (measure this device once, "
       "saved to OUT/cost_model.json) | path to a CostModel JSON (python balance.py --profile PATH)")
     a("--correction", default="on", help="on | off: scale DST's per-rank predictions by an EMA of "
@@ -111,7 +111,8 @@ def get_args(argv=None):
     a("--val-frac", type=float, default=0.1, help="share of documents held out, chosen by path hash")
     a("--seed", type=int, default=1337)
     a("--device", default="auto", help="auto | cpu | cuda")
-    a("--threads", type=int, default=0, help="CPU threads per rank (0 = cores / local ranks)")
+    a("--threads", type=int, default=1, help="CPU threads per rank (more only help on an idle machine "
+      "with wide models: with busy cores, spinning threads slow a step down several times)")
     a("--variant", default=None, help="dense | moe | ngram: the ngram-vs-moe comparison's three models")
     a("--crash-at-step", type=int, default=0, help="fault injection: the last rank exits at this "
       "step once (a marker file in --out stops it repeating after a restart)")
@@ -148,15 +149,18 @@ def build_config(args):
     if args.variant not in (None, "dense", "moe", "ngram"):
         raise ValueError(f"--variant {args.variant!r}: choose dense, moe or ngram")
     if args.variant:
-        # Dense FFN; MoE with 4 experts of the same width routed top-1 = the same active parameters;
-        # N-gram embedding whose tables hold the MoE's extra parameters = the same total parameters.
-        moe = dict(n_experts=4, expert_topk=1, ngram_n=0)
-        kw.update(dict(dense=dict(n_experts=0, ngram_n=0), moe=moe,
-                       ngram=dict(n_experts=0, ngram_n=3, ngram_k=2))[args.variant])
-        if args.variant == "ngram":  # total params are linear in the table ratio: solve for it
+        # model.py's COMPARE at any width: a dense SwiGLU FFN of hidden h; 4 experts of hidden h/2
+        # routed top-2 = the same active parameters; N-gram tables holding the MoE's extra
+        # parameters = the same total. Total parameters are linear in the table ratio: solve for it.
+        h = GPTConfig(**dict(kw, ffn_hidden=0)).hidden
+        moe = dict(ngram_n=0, n_experts=4, expert_topk=2, ffn_hidden=h // 2)
+        kw.update(dict(dense=dict(ngram_n=0, n_experts=0), moe=moe, ngram=dict(n_experts=0, ngram_n=3, ngram_k=2))[args.variant])
+        if args.variant == "ngram":
             target = GPT(GPTConfig(**dict(kw, **moe))).num_params()
             n1, n2 = (GPT(GPTConfig(**dict(kw, ngram_ratio=r))).num_params() for r in (1.0, 2.0))
-            kw["ngram_ratio"] = round(1.0 + (target - n1) / (n2 - n1), 2)  # non-integer, as the paper advises
+            kw["ngram_ratio"] = round(1.0 + (target - n1) / (n2 - n1), 2)
+            if kw["ngram_ratio"] <= 1:
+                raise ValueError("--variant ngram: the MoE adds too few parameters for n-gram tables")
     return GPTConfig(**kw)
 
 
@@ -280,12 +284,19 @@ def save_checkpoint(path, state):
 
 
 def rng_state():
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    """RNG states as plain types and tensors, so the checkpoint loads with torch.load's default
+    weights_only=True (GPT.from_checkpoint, infer.py). The data order does not depend on them: a
+    step's samples are drawn from a generator seeded by (seed, step)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
 def set_rng_state(s):
-    random.setstate(s["python"]); np.random.set_state(s["numpy"]); torch.set_rng_state(s["torch"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    random.setstate(s["python"])
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -388,11 +399,10 @@ def step(model, params, samples, plan_r, budgets, n_global, rank, world, device,
 def main(argv=None):
     args = get_args(argv)
     cfg = build_config(args)
-    policy, use_dst = BALANCE[args.balance]
     rank, local_rank, world, device = setup_distributed(args.device)
     master = rank == 0
     print0 = (lambda *a: tqdm.write(" ".join(map(str, a)))) if master else (lambda *a: None)
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    torch.set_num_threads(args.threads)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # Everything that can fail on bad input fails here, before a checkpoint is touched.
@@ -404,7 +414,7 @@ def main(argv=None):
     if os.path.exists(ckpt_path):
         if not args.resume:
             raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu")
         bad = [k for k, v in dataclasses.asdict(cfg).items() if ckpt["config"].get(k) != v]
         bad += [k for k in MUST_MATCH if ckpt["train_config"].get(k) != getattr(args, k)]
         if bad:
@@ -439,7 +449,8 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         ema, start = SABState.from_state_dict(ckpt["sab_state"]), ckpt["step"]
-        corr = ckpt["correction"] if len(ckpt["correction"].factors) == world else corr
+        if len(ckpt["correction"]["factors"]) == world:  # a new world size starts it afresh
+            corr.factors, corr.steps = list(ckpt["correction"]["factors"]), ckpt["correction"]["steps"]
         set_rng_state(ckpt["rng"])
         print0(f"resumed {ckpt_path} at step {start}")
     if master:
@@ -460,7 +471,7 @@ def main(argv=None):
         if master:
             save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=opt.state_dict(), step=s,
                                             rng=rng_state(), data_pos=s * args.batch_size, sab_state=ema.state_dict(),
-                                            correction=corr, config=dataclasses.asdict(cfg), train_config=vars(args)))
+                                            correction=dict(factors=corr.factors, steps=corr.steps), config=dataclasses.asdict(cfg), train_config=vars(args)))
         if world > 1:
             dist.barrier()  # the checkpoint is complete before any rank moves on (or dies)
 
