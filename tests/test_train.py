@@ -202,3 +202,14 @@ def test_single_process_resume_and_bad_inputs_leave_checkpoint_intact(data, tmp_
         with pytest.raises(err, match=msg.replace("(", r"\(").replace(")", r"\)")):
             train.main(flags)
         assert sha(ckpt) == before, extra
+
+
+def test_ngram_vs_moe_variants_match_active_and_total_parameters():
+    n = {}
+    for v in ("dense", "moe", "ngram"):
+        m = GPT(train.build_config(train.get_args(["--preset", "ngram-vs-moe", "--variant", v, "--n-embd", "64",
+                                                   "--n-layer", "2"])))
+        n[v] = (m.num_params(), m.num_params(active=True))
+    assert n["moe"][1] == pytest.approx(n["dense"][1], rel=0.01)  # same active (router aside)
+    assert n["ngram"][0] == pytest.approx(n["moe"][0], rel=0.001)  # same total
+    assert n["moe"][0] > 1.3 * n["dense"][0]
