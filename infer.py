@@ -26,6 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from model import GPT, stdlib_corpus
 
@@ -382,42 +383,42 @@ def bench(target, draft, prompts, max_new_tokens, gammas=(2, 4, 6), temperature=
     and the N-gram drafter, summed over the prompts; prints one table. Speedups are relative to
     plain KV decoding; "same output" compares with it token for token (greedy only)."""
     greedy = temperature == 0
-
-    def run(name, fn):
-        seconds, outs, st_sum = 0.0, [], {"drafted": 0, "accepted": 0, "rounds": 0, "hist": None}
-        for idx in prompts:
-            best = float("inf")
-            for _ in range(repeats):  # a fresh generator per run: every repeat draws the same tokens
-                gen = torch.Generator().manual_seed(0)
-                t0 = time.perf_counter()
-                res = fn(idx, gen)
-                best = min(best, time.perf_counter() - t0)
-            seconds += best
-            out, st = res if isinstance(res, tuple) else (res, None)
-            outs.append(out)
-            if st is not None:
-                for k in ("drafted", "accepted", "rounds"):
-                    st_sum[k] += st[k]
-                h = st_sum["hist"] or [0] * len(st["hist"])
-                st_sum["hist"] = [x + y for x, y in zip(h, st["hist"])]
-        tokens = sum(o.size(1) - p.size(1) for o, p in zip(outs, prompts))
-        return {"name": name, "tps": tokens / seconds, "outs": outs,
-                "st": st_sum if st_sum["hist"] else None}
-
     kw = dict(temperature=temperature)
-    rows = [run("plain, recompute all", lambda i, g: generate_recompute(target, i, max_new_tokens, generator=g, **kw)),
-            run("plain, KV cache", lambda i, g: generate(target, i, max_new_tokens, generator=g, **kw))]
+    methods = [("plain, recompute all", lambda i, g: generate_recompute(target, i, max_new_tokens, generator=g, **kw)),
+               ("plain, KV cache", lambda i, g: generate(target, i, max_new_tokens, generator=g, **kw))]
     drafters = [("draft model", draft)] if draft is not None else []
     if target.config.ngram_draft_head and ngram_embedding(target) is not None:
         drafters.append(("N-gram drafter", "ngram"))
     for name, d in drafters:
         for gamma in gammas:
-            rows.append(run(f"{name}, gamma {gamma}", lambda i, g: speculative_generate(
+            methods.append((f"{name}, gamma {gamma}", lambda i, g, d=d, gamma=gamma: speculative_generate(
                 target, d, i, max_new_tokens, gamma=gamma, generator=g, **kw)))
+    # Repeats are interleaved (every method once per repeat) and the best time per prompt is kept,
+    # so a change of load on a shared machine hits every method alike.
+    best = [[float("inf")] * len(prompts) for _ in methods]
+    results = [[None] * len(prompts) for _ in methods]
+    for _ in tqdm(range(repeats), desc="bench repeats"):
+        for m, (name, fn) in enumerate(methods):
+            for j, idx in enumerate(prompts):
+                gen = torch.Generator().manual_seed(0)  # a fresh generator: every repeat draws alike
+                t0 = time.perf_counter()
+                res = fn(idx, gen)
+                best[m][j] = min(best[m][j], time.perf_counter() - t0)
+                results[m][j] = res if isinstance(res, tuple) else (res, None)
+    rows = []
+    for m, (name, _) in enumerate(methods):
+        outs = [out for out, _ in results[m]]
+        sts = [st for _, st in results[m] if st is not None]
+        st = None
+        if sts:
+            st = {k: sum(x[k] for x in sts) for k in ("drafted", "accepted", "rounds")}
+            st["hist"] = [sum(h) for h in zip(*(x["hist"] for x in sts))]
+        tokens = sum(o.size(1) - p.size(1) for o, p in zip(outs, prompts))
+        rows.append({"name": name, "tps": tokens / sum(best[m]), "outs": outs, "st": st})
     ref = rows[1]
     mode = "greedy" if greedy else f"sampling at temperature {temperature}"
     print(f"\n{mode}; {len(prompts)} prompt(s) of {prompts[0].size(1)} tokens, {max_new_tokens} new "
-          f"tokens each; {torch.get_num_threads()} thread(s); best of {repeats} per prompt")
+          f"tokens each; {torch.get_num_threads()} thread(s); best of {repeats} interleaved runs per prompt")
     print("| method | tokens/s | speedup | acceptance | drafts kept/round | same output | histogram |")
     print("|---|---:|---:|---:|---:|---|---|")
     for r in rows:
