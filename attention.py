@@ -398,47 +398,119 @@ class _TritonBlockSparse(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------ torch path
+def _row_groups(block_idx, block_cnt):
+    """Query blocks grouped by the shape of their attention, so that no group needs padding.
+
+    Rows are query blocks flattened over (batch, head, block): r = (b*H + h)*NQ + i. A group holds
+    the rows with the same number of off-diagonal blocks n and the same has-diagonal flag d, and
+    their key blocks as rows of K viewed as [B*H*NQ, block*D]: `keys` [G, n + d], the diagonal
+    (row r itself) last. Returns a list of (rows [G], keys [G, n + d], has_diag)."""
+    B, H, NQ, KMAX = block_idx.shape
+    idx = block_idx.reshape(-1, KMAX).long()                                # [R, KMAX]
+    r = torch.arange(idx.shape[0], device=idx.device)
+    slot = torch.arange(KMAX, device=idx.device)
+    valid = (slot < block_cnt.reshape(-1, 1).long()) & (idx >= 0)
+    has_diag = (valid & (idx == (r % NQ)[:, None])).any(-1)
+    n_off = valid.sum(-1) - has_diag.long()     # ascending + causal: off-diagonal blocks first
+    kind = n_off * 2 + has_diag.long()
+    order = torch.argsort(kind, descending=True, stable=True)
+    kinds, sizes = torch.unique_consecutive(kind[order], return_counts=True)
+    groups = []
+    for rows, kd in zip(order.split(sizes.tolist()), kinds.tolist()):
+        n, d = kd // 2, bool(kd % 2)
+        keys = idx[rows, :n] + (rows // NQ * NQ)[:, None]                   # same (b, h) only
+        keys = torch.cat([keys, rows[:, None]], 1) if d else keys
+        if keys.shape[1]:                     # a row with nothing to attend to keeps o = 0
+            groups.append((rows, keys, d))
+    return groups
+
+
+def _chunks(groups, block_size, head_dim, chunk_elems, dtype):
+    """Split each group into chunks of rows whose gathered keys hold <= chunk_elems elements, each
+    with the additive mask it needs: none, or causal inside its last (diagonal) key block."""
+    widest = max((keys.shape[1] for _, keys, _ in groups), default=1) * block_size
+    device = groups[0][0].device if groups else None
+    # query t of a block sees every off-diagonal key and the diagonal keys <= t. Built once for
+    # the widest group; a narrower group uses its last columns (tiny ops are slow under load).
+    keep = torch.ones(block_size, widest, dtype=torch.bool, device=device).tril(widest - block_size)
+    causal = torch.zeros(block_size, widest, dtype=dtype, device=device).masked_fill_(
+        ~keep, float("-inf"))
+    for rows, keys, diag in groups:
+        width = keys.shape[1] * block_size                                  # keys per query row
+        step = max(1, chunk_elems // (width * head_dim))
+        for c0 in range(0, rows.shape[0], step):
+            mask = causal[:, widest - width:] if diag else None
+            yield rows[c0:c0 + step], keys[c0:c0 + step], mask
+
+
+# The fused CPU flash-attention kernels behind F.scaled_dot_product_attention. Called directly
+# because the forward returns the log-sum-exp the backward needs, and the backward returns dK/dV
+# per gathered key, which we add straight into dK/dV (autograd through the gathers would fill a
+# zero K-sized gradient per gather and then sum them).
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _TorchBlockSparse(torch.autograd.Function):
+    """Each chunk of query blocks gathers its key/value blocks and runs the fused attention kernel
+    on them as a batch of small dense problems, [G, 1, block, D] queries against [G, 1, width, D]
+    keys: no score tensor in memory, no padding (rows are grouped by width), and one small mask
+    [block, width], shared by the batch, for the diagonal block. The gathered K/V are kept for the
+    backward (gathering is memory-bound, so doing it twice costs more than the flops); the backward
+    rebuilds p from the saved log-sum-exp (FlashAttention-2) and adds dK/dV back with index_add_,
+    which runs in order on CPU, so gradients are reproducible."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, block_cnt, block_size, chunk_elems):
+        B, H, T, D = q.shape
+        rows_of = lambda x: x.reshape(-1, block_size * D)   # noqa: E731  [B*H*NQ, block*D]
+        qf, kf, vf = rows_of(q), rows_of(k), rows_of(v)
+        o = torch.zeros_like(qf)
+        lse = torch.zeros(qf.shape[0], block_size, device=q.device,   # fp32, or fp64 if given
+                          dtype=torch.promote_types(q.dtype, torch.float32))
+        ctx.chunks = []
+        for rows, keys, mask in _chunks(_row_groups(block_idx, block_cnt), block_size, D,
+                                        chunk_elems, q.dtype):
+            G, W = keys.shape
+            flat = keys.reshape(-1)
+            ks, vs = (x.index_select(0, flat).view(G, 1, W * block_size, D) for x in (kf, vf))
+            out, lse_c = _flash_fwd(qf.index_select(0, rows).view(G, 1, block_size, D), ks, vs,
+                                    is_causal=False, attn_mask=mask)
+            o.index_copy_(0, rows, out.reshape(G, -1))
+            lse.index_copy_(0, rows, lse_c.reshape(G, -1))
+            ctx.chunks.append((rows, flat, ks, vs, mask))
+        ctx.save_for_backward(q, o, lse)
+        return o.view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, o, lse = ctx.saved_tensors
+        E = o.shape[1]                                                      # block * D
+        qf, dof = q.reshape(-1, E), do.contiguous().reshape(-1, E)
+        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(qf), torch.zeros_like(qf)
+        for rows, flat, ks, vs, mask in ctx.chunks:
+            shape = (rows.shape[0], 1, lse.shape[1], q.shape[-1])          # [G, 1, block, D]
+            q_c, do_c, o_c = (x.index_select(0, rows).view(shape) for x in (qf, dof, o))
+            dq_c, dk_c, dv_c = _flash_bwd(do_c, q_c, ks, vs, o_c,
+                                          lse.index_select(0, rows).view(shape[:3]), 0.0, False,
+                                          attn_mask=mask)
+            dq.index_copy_(0, rows, dq_c.reshape(-1, E))
+            dk.index_add_(0, flat, dk_c.reshape(-1, E))     # a key block chosen by several query
+            dv.index_add_(0, flat, dv_c.reshape(-1, E))     # blocks sums their gradients
+        ctx.chunks = None
+        return dq.view_as(q), dk.view_as(q), dv.view_as(q), None, None, None, None
+
+
 def attention_torch(q, k, v, block_idx, block_cnt, block_size, chunk_elems=1 << 25):
     """Block-sparse attention in plain torch: time and memory scale with the budget, not with T^2.
 
-    Each query block gathers only its selected key/value blocks (rows of K/V viewed as
-    [B*H*NQ, block*D]), its diagonal block last, and runs one batched matmul - softmax - matmul.
-    Masks stay small: one flag per gathered block (padding) and one [block, block] causal mask
-    applied in place to the diagonal slot only. Query blocks run in chunks so the score tensor
-    stays under `chunk_elems` elements. Differentiable through autograd (the CPU training path)."""
-    B, H, T, D = q.shape
-    NQ, bs, BH = T // block_size, block_size, B * H
-    idx = block_idx.reshape(BH, NQ, -1).long()
-    cnt = block_cnt.reshape(BH, NQ).long()
-    i = torch.arange(NQ, device=q.device)
-    slot = torch.arange(idx.shape[-1], device=q.device)
-    valid = (slot < cnt[..., None]) & (idx >= 0)
-    has_diag = (valid & (idx == i[:, None])).any(-1)                       # [BH, NQ]
-    n_off = cnt - has_diag.long()       # ascending + causal: off-diagonal blocks come first
-    causal = torch.ones(bs, bs, dtype=torch.bool, device=q.device).tril()
-    rows = torch.arange(BH, device=q.device)[:, None, None] * NQ
-    kb = rearrange(k, "b h (n s) d -> (b h n) (s d)", s=bs)   # one row per block, for the gather
-    vb = rearrange(v, "b h (n s) d -> (b h n) (s d)", s=bs)
-    qb = rearrange(q, "b h (n s) d -> (b h) n s d", s=bs) * D ** -0.5
-    step = max(1, chunk_elems // (BH * bs * bs * (int(n_off.max()) + 1)))
-    outs = []
-    for c0 in range(0, NQ, step):
-        c = slice(c0, c0 + step)
-        width = int(n_off[:, c].max()) + 1          # this chunk's widest row + the diagonal slot
-        slots = torch.cat([idx[:, c, :width - 1].clamp(min=0), i[c].expand(BH, -1)[..., None]], -1)
-        ok = torch.cat([slot[:width - 1] < n_off[:, c, None], has_diag[:, c, None]], -1)
-        sel = (rows + slots).reshape(-1)                                    # [BH * C * width]
-        # F.embedding is a row gather whose backward (a sorted segment sum) beats index_select's
-        ks = rearrange(F.embedding(sel, kb), "(z c w) (s d) -> z c (w s) d", z=BH, w=width, d=D)
-        vs = rearrange(F.embedding(sel, vb), "(z c w) (s d) -> z c (w s) d", z=BH, w=width, d=D)
-        s = qb[:, c] @ ks.transpose(-1, -2)                                 # [BH, C, bs, width*bs]
-        with torch.no_grad():   # masked scores get p = 0 and so zero gradient: no mask backward
-            s5 = s.unflatten(-1, (width, bs))                               # [BH, C, bs, width, bs]
-            s5.masked_fill_(~ok[:, :, None, :, None], float("-inf"))        # padding slots
-            s5[..., -1, :].masked_fill_(~causal, float("-inf"))             # diagonal slot only
-        outs.append(torch.softmax(s, dim=-1) @ vs)                          # [BH, C, bs, D]
-    o = torch.cat(outs, dim=1)                                              # [BH, NQ, bs, D]
-    return rearrange(o, "(b h) n s d -> b h (n s) d", b=B)
+    Query blocks attending to the same number of blocks are batched together; each gathers only
+    its selected key/value blocks and runs the fused CPU attention kernel on them (see
+    _TorchBlockSparse). Each call of the kernel gets a chunk of <= `chunk_elems` gathered key
+    elements; the gathered K/V themselves, 2 * B*H*T*budget*D elements, are kept for the backward,
+    as autograd would keep them. This is the CPU training path; differentiable in q, k, v."""
+    return _TorchBlockSparse.apply(q.contiguous(), k.contiguous(), v.contiguous(), block_idx,
+                                   block_cnt, block_size, chunk_elems)
 
 
 # ------------------------------------------------------------------------------ dispatch
