@@ -38,7 +38,7 @@ def load_model(path, device="cpu"):
     """Load a GPT from a checkpoint written by train.py ({"model": state_dict, "config": ...})."""
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}; pass --ckpt with a file written "
-                                f"by train.py (e.g. out/ckpt.pt)")
+                                f"by train.py (e.g. out/cpu-quick/ckpt.pt)")
     model = GPT.from_checkpoint(path, map_location=device)
     return model.to(device).eval()
 
