@@ -497,7 +497,6 @@ class _TorchBlockSparse(torch.autograd.Function):
             dq.index_copy_(0, rows, dq_c.reshape(-1, E))
             dk.index_add_(0, flat, dk_c.reshape(-1, E))     # a key block chosen by several query
             dv.index_add_(0, flat, dv_c.reshape(-1, E))     # blocks sums their gradients
-        ctx.chunks = None
         return dq.view_as(q), dk.view_as(q), dv.view_as(q), None, None, None, None
 
 
