@@ -37,11 +37,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from einops import rearrange
 from tqdm import tqdm
 
+from attention import routing_coverage
 from balance import CostModel, OnlineCorrection, tune_budgets
 from batching import SABState, plan_batches
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, apply_rope, doc_positions, rope
 
 EOS = 256  # end-of-document id; byte ids are 0..255
 
@@ -95,8 +97,9 @@ def get_args(argv=None):
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     a("--balance", default="none", help=f"{' | '.join(BALANCE)}: batching policy and DST")
     a("--anchor", default="mean", help="DST anchor: mean | min | max (paper: mean)")
-    a("--p", type=float, default=0.1, help="DST threshold: coverage may drop by at most this share "
-      "(balance.tune_budgets; train.py passes no coverage curves yet, so DST's floor is ceil(k0/2))")
+    a("--p", type=float, default=0.1, help="DST threshold: a cut budget keeps at least (1 - p) x the "
+      "routing coverage it has at k0 (coverage floor per sample, from layer 0's gate scores, computed "
+      "each step with a no-grad partial layer; 0 = never cut below k0's coverage)")
     a("--cost-model", default="analytic", help="analytic (FLOPs) | profile (measure this device once, "
       "saved to OUT/cost_model.json) | path to a CostModel JSON (python balance.py --profile PATH)")
     a("--correction", default="on", help="on | off: scale DST's per-rank predictions by an EMA of "
@@ -353,19 +356,52 @@ def evaluate(model, val, filler, cfg, args, rank, world, device, ctx):
 # ------------------------------------------------------------------------------------------------
 # One training step
 
-def plan_step(lengths, args, cfg, world, cost, ema, corr):
+def plan_step(lengths, args, cfg, world, cost, ema, corr, coverage_fn=None):
     """Who trains on what (batching.py) and at which budget (balance.py). Pure functions of inputs
-    every rank holds, so every rank computes the same plan and budgets without communicating."""
+    every rank holds, so every rank computes the same plan and budgets. With DST,
+    `coverage_fn(plan)` -> routing-coverage curves of all samples (sample order, identical on every
+    rank: see `coverage_curves`) gives each sample its coverage floor; without it DST falls back to
+    balance.py's default floor ceil(k0/2) and `--p` has no effect."""
     policy, dst = BALANCE[args.balance]
     plan = plan_batches(lengths, world, args.micro or None, policy, cost=ema.cost_fn(cost),
                         capacity=cfg.max_seq_len, block_size=cfg.attn_block)
     if dst:
         budgets = tune_budgets(plan, lengths, cost, anchor=args.anchor, p=args.p, k0=cfg.topk,
+                               coverage=coverage_fn(plan) if coverage_fn else None,
                                block_size=cfg.attn_block, unit="rank",
                                rank_scale=corr.factors if args.correction == "on" else None).budgets
     else:  # the default budget, clipped to each sequence's blocks as DST's budgets are
         budgets = [min(cfg.topk, -(-n // cfg.attn_block)) for n in lengths]
     return plan, [int(b) for b in budgets]
+
+
+@torch.no_grad()
+def coverage_curves(model, samples, plan_r, world, device, ctx):
+    """Routing-coverage curves for DST's floors (SparseBalance, DST step 3: coverage at the new
+    budget >= (1 - p) x coverage at k0). Each rank runs the first layer up to its gate on its own
+    samples only (embedding -> first block's norm -> qkv projection -> RoPE: the model's own modules,
+    no attention, no grad), then the curves are all-gathered, so every rank passes identical floors
+    to tune_budgets. Layer 0's gate scores stand in for the per-layer scores the paper uses: one
+    partial layer instead of a full forward. -> list of curves (ragged lists), in sample order."""
+    cfg, blk = model.config, model.blocks[0]
+    mine = {}
+    for micro in (mb for mb in plan_r if mb):
+        x, _, _, cu = make_microbatch([samples[i] for i in micro], cfg.attn_block, device)
+        with ctx:
+            h = blk.norm1(model.embed(x, cu_seqlens=cu))                       # (1, T, D)
+            q, k, _ = rearrange(blk.attn.c_attn(h), "b t (three h d) -> three b h t d",
+                                three=3, h=cfg.n_head)
+        cos, sin = rope(doc_positions(cu, 1, x.size(1)).to(device), cfg.n_embd // cfg.n_head, cfg.rope_base)
+        q, k = apply_rope(q.float(), cos, sin), apply_rope(k.float(), cos, sin)  # (1, H, T, hd)
+        cov = routing_coverage(q, k, cu, cfg.attn_block)                   # [len(micro), KMAX]
+        for i, row in zip(micro, cov.tolist()):
+            mine[i] = row[:-(-(len(samples[i]) - 1) // cfg.attn_block)]   # the sample's own blocks
+    parts = [mine]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+    merged = {i: c for part in parts for i, c in part.items()}
+    return [merged[i] for i in range(len(samples))]
 
 
 def step(model, params, samples, plan_r, budgets, n_global, rank, world, device, ctx):
@@ -500,7 +536,14 @@ def main(argv=None):
             L = int(rng.integers(cfg.attn_block, cfg.max_seq_len + 1))
             samples[j] = passkey_sample(rng, train[int(rng.integers(len(train)))], L)[0]
         lengths = [len(x) - 1 for x in samples]  # input tokens; batching pads them to blocks
-        plan, budgets = plan_step(lengths, args, cfg, world, cost, ema, corr)
+        dst_s = 0.0
+        def curves(plan):  # DST only: one no-grad partial layer on this rank's own samples
+            nonlocal dst_s
+            t = time.perf_counter()
+            out = coverage_curves(model, samples, plan[rank], world, device, ctx)
+            dst_s = time.perf_counter() - t
+            return out
+        plan, budgets = plan_step(lengths, args, cfg, world, cost, ema, corr, coverage_fn=curves)
         n_global = float(sum(len(x) - 1 for x in samples))
 
         loss_sum, compute = step(model, params, samples, plan[rank], budgets, n_global, rank, world, device, ctx)
@@ -528,7 +571,7 @@ def main(argv=None):
         m = dict(step=s + 1, loss=loss, lr=lr, grad_norm=norm.item(), skipped=skipped, step_time=dt,
                  compute=times.tolist(), imbalance=(times.max() / times.mean().clamp_min(1e-9)).item(),
                  idle=(times.max() - times).mean().item(), mean_budget=float(np.mean(budgets)), predicted=predicted,
-                 tokens=n_global, tok_s=n_global / dt)
+                 tokens=n_global, tok_s=n_global / dt, dst_ms=1000 * dst_s)
         record(m)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{m['tok_s']:.0f}", imb=f"{m['imbalance']:.2f}")
         if (s + 1) % args.eval_every == 0 or s + 1 == args.steps:

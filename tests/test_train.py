@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -213,3 +214,43 @@ def test_ngram_vs_moe_variants_match_active_and_total_parameters():
     assert n["moe"][1] == pytest.approx(n["dense"][1], rel=0.01)  # same active (router aside)
     assert n["ngram"][0] == pytest.approx(n["moe"][0], rel=0.001)  # same total
     assert n["moe"][0] > 1.3 * n["dense"][0]
+
+
+# ---------------------------------------------------------------------------------- DST floors
+
+def test_coverage_curves_match_the_forward_pass_and_p_moves_the_floors(monkeypatch):
+    """coverage_curves must see the q, k the first layer's attention really gets (captured from a
+    full forward, one sample at a time), and with real curves --p must change DST's floors."""
+    import model as model_mod
+    from balance import CostModel, coverage_floor, tune_budgets
+    from attention import routing_coverage
+    torch.manual_seed(0)
+    cfg = train.GPTConfig(n_layer=2, n_head=2, n_embd=32, max_seq_len=512, attn_block=32, topk=4)
+    gpt = GPT(cfg)
+    rng = np.random.default_rng(0)
+    samples = [rng.integers(0, 256, n + 1).astype(np.uint16) for n in (480, 250, 100, 64, 31)]
+    plan = [[[0], []], [[1, 2], [3, 4]]]  # rank 0 holds the long sample: the straggler
+    curves = train.coverage_curves(gpt, samples, plan[0] + plan[1], 1, torch.device("cpu"), nullcontext())
+
+    seen = []
+    real = model_mod.causal_sparse_attention
+    monkeypatch.setattr(model_mod, "causal_sparse_attention",
+                        lambda q, k, v, *a: seen.append((q, k)) or real(q, k, v, *a))
+    for s, curve in zip(samples, curves):
+        x, _, _, cu = train.make_microbatch([s], 32, "cpu")
+        seen.clear()
+        with torch.no_grad():
+            gpt(x, cu_seqlens=cu)
+        ref = routing_coverage(*seen[0], cu, 32)[0]  # layer 0, this sample alone
+        assert len(curve) == -(-(len(s) - 1) // 32)
+        assert torch.allclose(torch.tensor(curve), ref[:len(curve)], atol=1e-5)
+
+    lengths = [len(s) - 1 for s in samples]
+    cost = CostModel.analytic(block_size=32, n_embd=32, n_head=2)
+    res = {p: tune_budgets(plan, lengths, cost, p=p, k0=4, coverage=curves, block_size=32)
+           for p in (0.0, 0.5)}
+    for p, r in res.items():
+        assert r.floors == [min(-(-n // 32), coverage_floor(c, 4, p)) for n, c in zip(lengths, curves)]
+        assert all(b >= f for b, f in zip(r.budgets, r.floors))
+    assert res[0.0].floors[0] == 4 and res[0.5].floors[0] < 4  # p = 0: no coverage may be lost
+    assert res[0.5].budgets[0] < res[0.0].budgets[0] == 4      # so only p > 0 cuts the straggler
