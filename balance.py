@@ -625,20 +625,11 @@ def synthetic_lengths(mix, n, rng):
 
 
 def stdlib_lengths(crop=None):
-    """Byte lengths of the running interpreter's stdlib .py files (the default corpus), test
-    directories and site-packages excluded, empty files dropped, optionally cropped."""
-    import sysconfig
-    root = sysconfig.get_paths()["stdlib"]
-    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-    out = []
-    for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in skip)
-        for name in sorted(files):
-            if name.endswith(".py"):
-                size = os.path.getsize(os.path.join(d, name))
-                if size:
-                    out.append(size if crop is None else min(size, crop))
-    return out
+    """Byte lengths of the default corpus's files (data.py), empty files dropped, optionally
+    cropped."""
+    from data import stdlib_files
+    sizes = [os.path.getsize(path) for path in stdlib_files()]
+    return [size if crop is None else min(size, crop) for size in sizes if size]
 
 
 def synthetic_coverage(n_blocks, alpha):

@@ -18,7 +18,6 @@ GPT, decoding cache, then a collision analysis of the n-gram hash.
 import argparse
 import math
 import os
-import sysconfig
 import time
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 
 from attention import sparse_attention
+from data import stdlib_files
 
 
 # ------------------------------------------------------------------------------ config
@@ -492,25 +492,18 @@ class KVCache:
 
 # ------------------------------------------------------------------------------ collision analysis
 def stdlib_corpus(max_bytes=4_000_000):
-    """The default corpus as a LongTensor of byte tokens: the running Python's standard library
-    sources (test and site-packages directories excluded), files in sorted path order, each one
-    followed by EOS (256), cut after max_bytes tokens."""
-    root = sysconfig.get_paths()["stdlib"]
-    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    """The default corpus (data.py) as a LongTensor of byte tokens: files in sorted path order,
+    each one followed by EOS (256), cut after max_bytes tokens."""
     parts, total = [], 0
-    for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in skip)     # prunes the walk and fixes its order
-        for f in sorted(x for x in files if x.endswith(".py")):
-            with open(os.path.join(d, f), "rb") as fh:
-                data = torch.frombuffer(bytearray(fh.read()) + b"\0", dtype=torch.uint8).long()
-            data[-1] = 256                                              # the appended EOS
-            parts.append(data)
-            total += len(data)
-            if total >= max_bytes:
-                return torch.cat(parts)[:max_bytes]
-    if not parts:
-        raise FileNotFoundError(f"no .py files under {root}: this Python ships no stdlib sources")
-    return torch.cat(parts)
+    for path in stdlib_files():
+        with open(path, "rb") as fh:
+            data = torch.frombuffer(bytearray(fh.read()) + b"\0", dtype=torch.uint8).long()
+        data[-1] = 256                                                  # the appended EOS
+        parts.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    return torch.cat(parts)[:max_bytes]
 
 
 def distinct_ngrams(tokens, n, vocab=257, eos_id=256):
