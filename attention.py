@@ -540,10 +540,13 @@ def block_sparse_attention(q, k, v, block_idx, block_cnt, block_size, impl="auto
     if impl == "reference":
         return attention_reference(q, k, v, block_idx, block_cnt, block_size)
     if impl == "torch":
+        if q.is_cuda:
+            raise ValueError("impl='torch' is the CPU path (it runs PyTorch's CPU flash kernel on "
+                             "the gathered blocks); on CUDA use impl='triton' or 'auto'")
         return attention_torch(q, k, v, block_idx, block_cnt, block_size)
     if q.is_cuda and q.element_size() * block_size * D > 4 * 64 * 128:
         raise ValueError("fp32 Triton on CUDA fits shared memory only for block_size * head_dim "
-                         "<= 8192: use bf16/fp16 (autocast), a smaller block, or impl='torch'")
+                         "<= 8192: use bf16/fp16 (autocast) or a smaller block")
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("impl='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
                          "triton is imported; on CPU use impl='torch'")
