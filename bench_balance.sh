@@ -5,7 +5,10 @@
 #   median step time (first 2 steps dropped: warm-up), speedup over none, median imbalance
 #   (max/mean of the ranks' measured compute seconds), mean budget (key blocks per sequence, a
 #   budget above a sequence's blocks counted as its blocks), validation bits per byte at the end.
-# The cost model is profiled once on this machine (balance.py --profile) and shared by all runs.
+# The cost model is profiled once on this machine (balance.py --profile) and shared by all runs;
+# it is kept in $OUT/cost_model.json: delete it to re-profile (a table profiled under heavy load
+# is noisy, and DST's budgets follow its predictions). sab+dst's step time includes computing
+# the routing-coverage curves for DST's floors (logged per step as dst_ms).
 #
 #   ./bench_balance.sh                 # 12 steps each
 #   STEPS=40 ./bench_balance.sh --p 0.2 --anchor mean     # extra flags go to every train.py run
