@@ -14,7 +14,7 @@ Data: by default the Python standard library's own sources (one file = one docum
 end-of-document id 256); `--data` takes a directory of text files, one text file, or a uint16
 token file (*.bin). A step draws `--batch-size` samples (documents cut to `max_seq_len`), plans
 them across ranks and `--micro` microbatches (batching.py), picks one attention budget per sample
-(balance.py), and runs the rank's microbatches. Gradients are summed by one explicit all-reduce
+(balance.py; DST's floors come from layer 0's routing coverage, see `coverage_curves`), and runs the rank's microbatches. Gradients are summed by one explicit all-reduce
 after the last microbatch (see `step`), so a rank with nothing to do still takes part and the
 compute time of every rank can be measured without the wait for the slowest one.
 
