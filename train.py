@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import sysconfig
 import time
 import zlib
 from contextlib import nullcontext
@@ -43,6 +42,7 @@ from tqdm import tqdm
 from attention import routing_coverage
 from balance import CostModel, OnlineCorrection, tune_budgets
 from batching import SABState, plan_batches
+from data import stdlib_files, stdlib_root
 from model import GPT, GPTConfig, apply_rope, doc_positions, rope
 
 EOS = 256  # end-of-document id; byte ids are 0..255
@@ -171,22 +171,27 @@ def build_config(args):
 # ------------------------------------------------------------------------------------------------
 # Data: documents -> samples (chunks) -> microbatches (rows packed with documents)
 
+def text_files(root):
+    """Every file under a --data directory, in sorted order, hidden files and folders skipped."""
+    paths = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        paths += [os.path.join(d, f) for f in sorted(files) if not f.startswith(".")]
+    return paths
+
+
 def load_documents(path, val_frac, max_seq_len):
     """Read the corpus and split it by a hash of each document's name, which is stable across
     machines and Python versions (unlike positions or `hash()`). -> (train, val): lists of 1-D uint16
     arrays ending in EOS."""
     named = []  # (name, array)
     if path is None or os.path.isdir(path):
-        root = path or sysconfig.get_paths()["stdlib"]
-        skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"} if path is None else set()
-        for d, dirs, files in os.walk(root):
-            dirs[:] = sorted(x for x in dirs if x not in skip and not x.startswith("."))
-            for f in sorted(files):
-                if (path is None and not f.endswith(".py")) or f.startswith("."):
-                    continue
-                b = open(os.path.join(d, f), "rb").read()
-                if b and b"\0" not in b[:4096]:  # skip empty and binary files
-                    named.append((os.path.relpath(os.path.join(d, f), root), np.frombuffer(b, np.uint8)))
+        root = path or stdlib_root()
+        for f in stdlib_files() if path is None else text_files(path):
+            with open(f, "rb") as fh:
+                b = fh.read()
+            if b and b"\0" not in b[:4096]:  # skip empty and binary files
+                named.append((os.path.relpath(f, root), np.frombuffer(b, np.uint8)))
         named = [(n, np.append(a.astype(np.uint16), EOS)) for n, a in named]
     elif os.path.isfile(path):
         if path.endswith(".bin"):  # nanoGPT-style uint16 tokens; documents end at EOS if it occurs
@@ -588,6 +593,7 @@ def main(argv=None):
     if log:
         log.close()
     if dist.is_initialized():
+        dist.barrier()  # no rank tears down gloo while another is still in its last collective
         dist.destroy_process_group()
 
 
