@@ -270,7 +270,8 @@ def setup_distributed(device_arg):
         # the dead workers' addresses; a per-attempt key prefix keeps the new group from reading them.
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
-        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world,
+                                device_id=device if use_cuda else None)
     return rank, local, world, device
 
 
