@@ -162,7 +162,10 @@ def build_config(args):
         if args.variant == "ngram":
             target = GPT(GPTConfig(**dict(kw, **moe))).num_params()
             n1, n2 = (GPT(GPTConfig(**dict(kw, ngram_ratio=r))).num_params() for r in (1.0, 2.0))
-            kw["ngram_ratio"] = round(1.0 + (target - n1) / (n2 - n1), 2)
+            ratio = round(1.0 + (target - n1) / (n2 - n1), 2)
+            # Table sizes near an integer multiple of the vocabulary collide badly (the paper; see
+            # `python model.py --collisions`): step off by a few percent of V rows if it lands there.
+            kw["ngram_ratio"] = round(ratio + 0.17, 2) if abs(ratio - round(ratio)) < 0.1 else ratio
             if kw["ngram_ratio"] <= 1:
                 raise ValueError("--variant ngram: the MoE adds too few parameters for n-gram tables")
     return GPTConfig(**kw)
