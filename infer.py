@@ -501,4 +501,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message says what to change
+        sys.exit(f"infer.py: error: {e}")

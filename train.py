@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import zlib
 from contextlib import nullcontext
@@ -602,4 +603,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message says what to change
+        sys.exit(f"train.py: error: {e}")
