@@ -6,9 +6,20 @@ not import triton), so it is done here, at collection time, when no CUDA device 
 import os
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second intra-op thread only adds waiting (token-by-
+    token decoding was 5-30x slower with two). Modules opt in with pytest.mark.usefixtures."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,13 +15,7 @@ from infer import accept_drafts, generate, generate_recompute, logits_to_probs, 
 from model import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode token by token: one thread avoids thread hand-off costs on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(seed, **kw):

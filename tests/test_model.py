@@ -13,13 +13,7 @@ from model import GPT, GPTConfig, NgramEmbedding
 TINY = dict(n_layer=2, n_head=2, n_embd=32, max_seq_len=64, attn_block=16, topk=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes on a shared 2-core machine: a second intra-op thread only adds waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(**kw):
