@@ -51,7 +51,7 @@ import random
 import sys
 import time
 
-from batching import SABState, imbalance, plan_batches
+from batching import SABState, check_plan, imbalance, padded, plan_batches
 
 ANCHORS = ("mean", "min", "max")
 UNITS = ("rank", "microbatch")
@@ -108,7 +108,7 @@ class CostModel:
             self._logl = [math.log(x) for x in self.lengths]
             self._logk = [math.log(x) for x in self.budgets]
             self._k_brackets = {}  # budget -> (j, u), see curve()
-            self._lin_rate = [t / _pad(x, b) for x, t in zip(self.lengths, self.linear)]
+            self._lin_rate = [t / padded(x, b) for x, t in zip(self.lengths, self.linear)]
             self._att_rate = [[t / visited_blocks(x // b, k) for k, t in zip(self.budgets, row)]
                               for x, row in zip(self.lengths, self.attention)]
             # dense rate per length: at the first budget >= its blocks (the last one if none)
@@ -151,7 +151,7 @@ class CostModel:
             from attention import sparse_attention as attn_fn
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        lengths = sorted({_pad(int(x), block_size) for x in lengths})
+        lengths = sorted({padded(int(x), block_size) for x in lengths})
         budgets = sorted({int(k) for k in budgets})
         if not lengths or not budgets or budgets[0] < 1:
             raise ValueError("profile needs at least one length and budgets >= 1")
@@ -317,10 +317,6 @@ def check_cost_model(cm, points=None, attn_fn=None, repeats=3, progress=True):
     return rows
 
 
-def _pad(length, block_size):
-    return -(-length // block_size) * block_size
-
-
 def _bracket(xs, x):
     """(i, w) with x ~ (1-w) xs[i] + w xs[i+1], clamped to the ends (w = 0 there)."""
     if x <= xs[0] or len(xs) == 1:
@@ -437,7 +433,6 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", p=0.1, k0=32, coverag
                          "profile the cost model at the block size you train with")
     if rank_scale is not None and len(rank_scale) != len(plan):
         raise ValueError(f"rank_scale needs one factor per rank ({len(plan)})")
-    from batching import check_plan
     check_plan(plan, S)
 
     blocks = [-(-x // b) for x in lengths]
@@ -458,11 +453,7 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", p=0.1, k0=32, coverag
         units = [((r, m), list(micro))
                  for r, rank in enumerate(plan) for m, micro in enumerate(rank)]
     units = [(u, items) for u, items in units if items]
-    curves = {}
-    for items in (items for _, items in units):
-        for i in items:
-            if lengths[i] not in curves:
-                curves[lengths[i]] = cost_model.curve(lengths[i])
+    curves = {x: cost_model.curve(x) for x in set(lengths)}  # each sample is in a unit
 
     def level_cost(items, floors, scale, lo, hi):
         """Load of a unit as a function of the level k in [lo, hi]; sample i runs at budget
@@ -811,12 +802,12 @@ def main(argv=None):
     for title, mix, cap in mixes:
         rng = random.Random(args.seed)
         rows = run_ablation(lambda n: synthetic_lengths(mix, n, rng), rng, args.steps, cm, dp, pp,
-                            gb, k0, p, n_layer, _pad(cap, b), unit)
+                            gb, k0, p, n_layer, padded(cap, b), unit)
         print_table(title, rows)
     corpus = stdlib_lengths(crop=65536)
     rng = random.Random(args.seed)
     rows = run_ablation(lambda n: [rng.choice(corpus) for _ in range(n)], rng, args.steps, cm,
-                        dp, pp, gb, k0, p, n_layer, _pad(65536, b), unit)
+                        dp, pp, gb, k0, p, n_layer, padded(65536, b), unit)
     print_table(f"(c) default corpus: {len(corpus)} stdlib .py files of this interpreter, "
                 "bytes = tokens, cropped at 64K", rows)
     wall, cpu, imb = benchmark(cm, k0, p, repeats=args.bench_repeats)
