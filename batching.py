@@ -72,7 +72,7 @@ class _NoFit(Exception):
 def _lpt(items, costs, tokens, n_bins, capacity, stages=1):
     """LPT: heaviest item first, into the currently lightest bin that still has token room.
 
-    items: sample indices; returns (bins: list of lists of indices, loads, token sums).
+    items: sample indices; returns bins: a list of lists of indices.
     A heap keyed by (load, bin) gives the lightest bin in O(log n_bins); bins skipped for lack
     of room are pushed back afterwards. Raises _NoFit when no bin can take an item.
     stages > 1 (pipelines): "lightest" means the smallest predicted 1F1B time
@@ -103,7 +103,7 @@ def _lpt(items, costs, tokens, n_bins, capacity, stages=1):
         heapq.heappush(heap, (loads[b] + (stages - 1) * first[b], b))
         for entry in skipped:
             heapq.heappush(heap, entry)
-    return bins, loads, used
+    return bins
 
 
 def _ffd(items, tokens, n_bins, capacity):
@@ -141,12 +141,12 @@ def _plan_two_level(n, world_size, m, costs, tokens, capacity, stages):
     # Level 1: across ranks. A rank can hold at most m * capacity tokens (necessary, not
     # sufficient: level 2 may still fail, and then falls back to first-fit decreasing).
     rank_cap = None if capacity is None else m * capacity
-    ranks, _, _ = _lpt(range(n), costs, tokens, world_size, rank_cap, stages)
+    ranks = _lpt(range(n), costs, tokens, world_size, rank_cap, stages)
     plan = []
     for items in ranks:
         # Level 2: within the rank, into m microbatches.
         try:
-            micro, _, _ = _lpt(items, costs, tokens, m, capacity)
+            micro = _lpt(items, costs, tokens, m, capacity)
         except _NoFit:
             micro = _ffd(items, tokens, m, capacity)
         plan.append(micro)
