@@ -248,17 +248,18 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.config.n_head)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)        # (B, H, T, hd)
+        p = 0 if cache is None else cache.pos
         if cache is not None:
-            p, T = cache.pos, x.size(1)
+            T = x.size(1)
             cache.k[layer][:, :, p:p + T] = k
             cache.v[layer][:, :, p:p + T] = v
-            if p > 0:
-                keys, vals = (c[layer][:, :, :p + T].to(q.dtype) for c in (cache.k, cache.v))
-                qpos = torch.arange(p, p + T, device=x.device)
-                mask = torch.arange(p + T, device=x.device) <= qpos[:, None]   # (T, p+T)
-                y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
-                return self.c_proj(rearrange(y, "b h t d -> b t (h d)"))
-        y = causal_sparse_attention(q, k, v, topk, cu_seqlens, self.config.attn_block)
+        if p > 0:                                                      # decoding step
+            keys, vals = (c[layer][:, :, :p + T].to(q.dtype) for c in (cache.k, cache.v))
+            qpos = torch.arange(p, p + T, device=x.device)
+            mask = torch.arange(p + T, device=x.device) <= qpos[:, None]   # (T, p+T)
+            y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+        else:
+            y = causal_sparse_attention(q, k, v, topk, cu_seqlens, self.config.attn_block)
         return self.c_proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
@@ -388,7 +389,8 @@ class GPT(nn.Module):
             if cache.pos + T > cache.max_len:
                 raise ValueError(f"cache holds {cache.max_len} positions; pos {cache.pos} + {T} new "
                                  "tokens overflow it: create it with a larger max_len")
-            context = cache.context(cfg.ngram_n - 1) if cfg.n_tables else None
+            if cfg.n_tables and ngram_ids is None:                     # precomputed ids need none
+                context = cache.context(cfg.ngram_n - 1)
             cache.tokens[:, cache.pos:cache.pos + T] = idx
             pos = torch.arange(cache.pos, cache.pos + T, device=idx.device)   # absolute positions
         elif cu_seqlens is not None:
