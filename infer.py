@@ -253,12 +253,6 @@ class NgramDrafter:
         pass
 
 
-def ngram_context(seq, n_minus_1):
-    """The last N-1 ids of seq [1, T], left-padded with 0 (sequence start counts as token 0)."""
-    ctx = seq[:, -n_minus_1:]
-    return F.pad(ctx, (n_minus_1 - ctx.size(1), 0), value=0)  # (1, N-1)
-
-
 @torch.inference_mode()
 def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperature=0.0,
                          top_k=None, top_p=None, generator=None, eos_id=None, callback=None):
@@ -279,7 +273,6 @@ def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperatur
     if draft != "ngram":
         check_prompt(draft, idx, max_new_tokens, batch_one=True)
     emb = ngram_embedding(target)
-    n1 = target.config.ngram_n - 1 if emb is not None else 0
     probs = lambda logits: logits_to_probs(logits, temperature, top_k, top_p)  # noqa: E731
     t0 = time.perf_counter()
 
@@ -297,7 +290,8 @@ def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperatur
         P = cache.pos  # == seq.size(1) - 1: tokens whose K/V the target holds
         g = min(gamma, L - seq.size(1) - 1)  # never draft past the requested length
         # ---- draft g tokens ----
-        ctx = ngram_context(seq[:, :-1], n1) if emb is not None else None  # N-1 ids before cur
+        # n-gram cache: the N-1 ids before cur, which the target's cache holds
+        ctx = cache.context(target.config.ngram_n - 1) if emb is not None else None
         tok, ids, drafts, qs = cur, [], [], []
         for _ in range(g):
             if drafter.uses_ids:  # n-gram cache: the ids of `tok` from the last N-1 ids only
