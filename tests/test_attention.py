@@ -150,14 +150,6 @@ def test_dense_budget_equals_causal_sdpa_per_document(impl):
         assert (flat(o)[:, a:b] - want).abs().max() < 1e-5
 
 
-def test_torch_two_runs_bitwise_equal():
-    B, H, T, D, bs, cu = LAYOUTS["multi_doc"]
-    q, k, v, do = _inputs(B, H, T, D, seed=6)
-    idx, cnt = A.select_blocks(q, k, 2, _cu(cu), bs)
-    first, second = (_run("torch", q, k, v, do, idx, cnt, bs) for _ in range(2))
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-
-
 # ------------------------------------------------------------------------- triton (interpreted)
 # (layout, budget): several documents per row with 1-block documents, B and H > 1, budget 1,
 # budget >= every block, per-sequence budgets. Each case costs a few seconds in the interpreter.
@@ -187,11 +179,13 @@ def test_triton_fp16_matches_fp32_reference():
     _close(got, want, 1e-2, 1e-3)
 
 
-def test_triton_two_runs_bitwise_equal():
-    B, H, T, D, bs, cu = LAYOUTS["single_blocks"]
-    q, k, v, do = _inputs(B, H, T, D, seed=9)
+@pytest.mark.parametrize("impl,name,seed", [("torch", "multi_doc", 6),
+                                            ("triton", "single_blocks", 9)])
+def test_two_runs_bitwise_equal(impl, name, seed):
+    B, H, T, D, bs, cu = LAYOUTS[name]
+    q, k, v, do = _inputs(B, H, T, D, seed=seed)
     idx, cnt = A.select_blocks(q, k, 2, _cu(cu), bs)
-    first, second = (_run("triton", q, k, v, do, idx, cnt, bs) for _ in range(2))
+    first, second = (_run(impl, q, k, v, do, idx, cnt, bs) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
