@@ -637,10 +637,11 @@ def synthetic_coverage(n_blocks, alpha):
     return [min(1.0, (j + P[j] * tail[j + 1]) / n_blocks) for j in range(1, n_blocks + 1)]
 
 
-def run_ablation(lengths_source, rng, steps, cm, dp, pp, global_batch, k0, p, n_layer, capacity,
+def run_ablation(draw_lengths, rng, steps, cm, dp, pp, global_batch, k0, p, n_layer, capacity,
                  unit="microbatch"):
     """Mean step time etc. over `steps` global batches for the six configurations of the
-    paper's ablation. Step times come from simulate() on cost-model latencies, not measured."""
+    paper's ablation. draw_lengths(n, rng) -> n sequence lengths. Step times come from
+    simulate() on cost-model latencies, not measured."""
     b = cm.block_size
     M = global_batch // dp
     configs = [("baseline", "naive", False), ("+ DST", "naive", True), ("+ SAB", "sab", False),
@@ -649,36 +650,36 @@ def run_ablation(lengths_source, rng, steps, cm, dp, pp, global_batch, k0, p, n_
     acc = {name: dict(step=0.0, imb=0.0, mimb=0.0, bubble=0.0, kb=[], cov=[], ratio=[], short=0)
            for name, _, _ in configs}
     for _ in range(steps):
-        lengths = lengths_source(global_batch)
-        curves = [synthetic_coverage(-(-x // b), rng.uniform(0.6, 1.4)) for x in lengths]
+        lengths = draw_lengths(global_batch, rng)
+        blocks = [-(-x // b) for x in lengths]
+        curves = [synthetic_coverage(n, rng.uniform(0.6, 1.4)) for n in blocks]
         for name, policy, dst in configs:
-            state = states[name]
+            state, a = states[name], acc[name]
             plan = plan_batches(lengths, dp, M, policy, cost=state.cost_fn(cm), capacity=capacity,
                                 block_size=b, pipeline_stages=pp)
             if dst:
                 res = tune_budgets(plan, lengths, cm, "mean", p, k0, coverage=curves, unit=unit)
                 budgets = res.budgets
                 state.update(lengths, budgets)
-                acc[name]["short"] += len(res.shortfalls)
+                a["short"] += len(res.shortfalls)
             else:
-                budgets = [min(-(-x // b), k0) for x in lengths]
+                budgets = [min(n, k0) for n in blocks]
             sec = [n_layer * cm.predict(x, k) for x, k in zip(lengths, budgets)]
             sim = simulate([[sum(sec[i] for i in micro) for micro in rank] for rank in plan], pp)
-            a = acc[name]
             a["step"] += sim.step_time / steps
             a["imb"] += sim.imbalance / steps
             a["mimb"] += sim.micro_imbalance / steps
             a["bubble"] += sim.bubble / steps
-            for x, k, c in zip(lengths, budgets, curves):
-                if -(-x // b) > k0:  # only sparse-eligible sequences: dense ones sit at 1.0
+            for n, k, c in zip(blocks, budgets, curves):
+                if n > k0:  # only sparse-eligible sequences: dense ones sit at 1.0
                     a["kb"].append(k)
                     a["cov"].append(c[k - 1])
                     a["ratio"].append(c[k - 1] / c[k0 - 1])
     base = acc["baseline"]["step"]
+    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
     rows = []
     for name, _, _ in configs:
         a = acc[name]
-        mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
         rows.append((name, a["imb"], a["mimb"], a["step"] * 1e3, base / a["step"], mean(a["kb"]),
                      mean(a["cov"]), min(a["ratio"], default=float("nan")), a["bubble"],
                      a["short"]))
@@ -687,8 +688,8 @@ def run_ablation(lengths_source, rng, steps, cm, dp, pp, global_batch, k0, p, n_
 
 def print_table(title, rows):
     print(f"\n{title}")
-    print(f"| config      | imbalance rank | imbalance mb | step (ms) | speedup | mean budget "
-          f"| mean coverage | min cov/cov(k0) | bubble | shortfalls |")
+    print("| config      | imbalance rank | imbalance mb | step (ms) | speedup | mean budget "
+          "| mean coverage | min cov/cov(k0) | bubble | shortfalls |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]:<11} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.0f} | {r[4]:.2f}x | {r[5]:.1f} "
@@ -750,6 +751,9 @@ def main(argv=None):
                     help="measure off-grid points of the cost table PATH on this device and "
                          "print measured vs predicted")
     args = ap.parse_args(argv)
+    if not (args.simulate or args.profile or args.check):
+        ap.print_help()
+        return
     if args.profile:
         cm = CostModel.profile(args.lengths, args.budgets, n_embd=args.n_embd, n_head=args.n_head,
                                block_size=args.block_size, mlp_ratio=args.mlp_ratio, impl=args.impl)
@@ -757,23 +761,28 @@ def main(argv=None):
         print(f"saved cost table ({len(cm.lengths)} lengths x {len(cm.budgets)} budgets, "
               f"{cm.meta['device']}) to {args.profile}")
     if args.check:
-        cm = CostModel.load(args.check)
-        rows = check_cost_model(cm)
-        print(f"| length | budget | measured (ms) | predicted (ms) | error |  "
-              f"({args.check}, {cm.meta.get('device', '?')})")
-        print("|---|---|---|---|---|")
-        errors = []
-        for length, k, meas, pred in rows:
-            errors.append(abs(pred - meas) / meas)
-            print(f"| {length} | {k} | {meas * 1e3:.2f} | {pred * 1e3:.2f} | "
-                  f"{100 * (pred - meas) / meas:+.1f}% |")
-        errors.sort()
-        print(f"off-grid |error|: median {100 * errors[len(errors) // 2]:.1f}%, "
-              f"max {100 * errors[-1]:.1f}% over {len(errors)} points")
-    if not args.simulate:
-        if not (args.profile or args.check):
-            ap.print_help()
-        return
+        print_check(args.check)
+    if args.simulate:
+        print_simulation(args)
+
+
+def print_check(path):
+    """--check: measured vs predicted at the off-grid points of check_cost_model."""
+    cm = CostModel.load(path)
+    rows = check_cost_model(cm)
+    print(f"| length | budget | measured (ms) | predicted (ms) | error |  "
+          f"({path}, {cm.meta.get('device', '?')})")
+    print("|---|---|---|---|---|")
+    for length, k, meas, pred in rows:
+        print(f"| {length} | {k} | {meas * 1e3:.2f} | {pred * 1e3:.2f} | "
+              f"{100 * (pred - meas) / meas:+.1f}% |")
+    errors = sorted(abs(pred - meas) / meas for _, _, meas, pred in rows)
+    print(f"off-grid |error|: median {100 * errors[len(errors) // 2]:.1f}%, "
+          f"max {100 * errors[-1]:.1f}% over {len(errors)} points")
+
+
+def print_simulation(args):
+    """--simulate: the ablation tables on three length mixes, then the planning benchmark."""
     if args.global_batch % args.dp:
         raise ValueError(f"--global-batch {args.global_batch} must be a multiple of --dp {args.dp}")
     k0, p = args.k0, args.p
@@ -797,25 +806,22 @@ def main(argv=None):
     print("imbalance rank = max/mean summed compute of the DP replicas; imbalance mb = max/mean "
           "over non-empty microbatches; mean budget/coverage over sequences longer than k0 blocks; "
           "shortfalls = units still above the anchor at their coverage floor (summed over steps).")
-    mixes = [("(a) bimodal, ChatQA2-Long-SFT-like (SYNTHETIC mix)", "bimodal", 65536),
-             ("(b) long tail 8K-72K, LongAlign-10k-like (SYNTHETIC mix)", "longtail", 73728)]
-    for title, mix, cap in mixes:
-        rng = random.Random(args.seed)
-        rows = run_ablation(lambda n: synthetic_lengths(mix, n, rng), rng, args.steps, cm, dp, pp,
-                            gb, k0, p, n_layer, padded(cap, b), unit)
-        print_table(title, rows)
     corpus = stdlib_lengths(crop=65536)
-    rng = random.Random(args.seed)
-    rows = run_ablation(lambda n: [rng.choice(corpus) for _ in range(n)], rng, args.steps, cm,
-                        dp, pp, gb, k0, p, n_layer, padded(65536, b), unit)
-    print_table(f"(c) default corpus: {len(corpus)} stdlib .py files of this interpreter, "
-                "bytes = tokens, cropped at 64K", rows)
+    mixes = [("(a) bimodal, ChatQA2-Long-SFT-like (SYNTHETIC mix)",
+              lambda n, rng: synthetic_lengths("bimodal", n, rng), 65536),
+             ("(b) long tail 8K-72K, LongAlign-10k-like (SYNTHETIC mix)",
+              lambda n, rng: synthetic_lengths("longtail", n, rng), 73728),
+             (f"(c) default corpus: {len(corpus)} stdlib .py files of this interpreter, "
+              "bytes = tokens, cropped at 64K",
+              lambda n, rng: [rng.choice(corpus) for _ in range(n)], 65536)]
+    for title, draw, cap in mixes:
+        print_table(title, run_ablation(draw, random.Random(args.seed), args.steps, cm, dp, pp,
+                                        gb, k0, p, n_layer, padded(cap, b), unit))
     wall, cpu, imb = benchmark(cm, k0, p, repeats=args.bench_repeats)
     print(f"\nplanning (sab) + tuning (DST, unit rank, coverage floors) of 1024 sequences on 64 "
           f"ranks x 4 microbatches: {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU (medians of "
-          f"{args.bench_repeats} fresh batches, this machine); plan imbalance at k0: rank {imb['rank']:.3f}, "
-          f"microbatch {imb['microbatch']:.3f}")
-
+          f"{args.bench_repeats} fresh batches, this machine); plan imbalance at k0: "
+          f"rank {imb['rank']:.3f}, microbatch {imb['microbatch']:.3f}")
 
 if __name__ == "__main__":
     sys.exit(main())
