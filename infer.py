@@ -115,6 +115,17 @@ def sample(probs, generator=None):
 # Plain generation: prefill once, then one token per forward over the KV cache
 
 
+def prefill(model, idx, max_len):
+    """A KV cache of max_len positions holding all of idx [B, T] but its last token, which is the
+    input of the first decoding step. Every new token is then computed the same way by `generate`
+    and `speculative_generate` (decoding steps attend densely to the cache, a prefill attends
+    sparsely), so their greedy outputs match for prompts of any length."""
+    cache = model.new_cache(idx.size(0), max_len=max_len, device=idx.device)
+    if idx.size(1) > 1:
+        model(idx[:, :-1], cache=cache)
+    return cache
+
+
 @torch.inference_mode()
 def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
              generator=None, eos_id=None, callback=None):
@@ -128,15 +139,9 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None
     """
     check_sampling(temperature, top_k, top_p)
     check_prompt(model, idx, max_new_tokens)
-    B, T = idx.shape
-    cache = model.new_cache(B, max_len=T + max_new_tokens, device=idx.device)
-    # Prefill all but the last prompt token, which becomes the first decoding step. Every new token
-    # is then computed the same way as in speculative_generate (decoding steps attend densely to
-    # the cache, a prefill attends sparsely), so greedy outputs match for prompts of any length.
-    if T > 1:
-        model(idx[:, :-1], cache=cache)
+    cache = prefill(model, idx, idx.size(1) + max_new_tokens)
     out, tok = [idx], idx[:, -1:]
-    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         logits, _ = model(tok, cache=cache)  # (B, 1, V)
         tok = sample(logits_to_probs(logits[:, -1], temperature, top_k, top_p), generator)  # (B, 1)
@@ -209,10 +214,8 @@ class ModelDrafter:
                              f"tokenizer (train.py --preset draft)")
         self.model = draft
 
-    def start(self, prompt, max_len):
-        self.cache = self.model.new_cache(1, max_len=max_len, device=prompt.device)
-        if prompt.size(1) > 0:
-            self.model(prompt, cache=self.cache)
+    def start(self, idx, max_len):  # the same prefill as the target's
+        self.cache = prefill(self.model, idx, max_len)
 
     def step(self, tok, ids):  # ids (the target's n-gram ids) are not needed by a plain draft
         return self.model(tok, cache=self.cache)[0][:, -1]  # (1, V)
@@ -240,7 +243,7 @@ class NgramDrafter:
                              "ngram_draft_head=True (and ngram_n >= 2) or use --draft model")
         self.model = target
 
-    def start(self, prompt, max_len):
+    def start(self, idx, max_len):
         pass
 
     def step(self, tok, ids):
@@ -277,12 +280,10 @@ def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperatur
     t0 = time.perf_counter()
 
     L = idx.size(1) + max_new_tokens  # final length
-    cache = target.new_cache(1, max_len=L, device=idx.device)
-    # Prefill all but the last prompt token; that token is `cur`, the first input of round one, so
-    # even the first new token goes through drafting and verification.
-    if idx.size(1) > 1:
-        target(idx[:, :-1], cache=cache)
-    drafter.start(idx[:, :-1], L)
+    # The last prompt token is `cur`, the first input of round one, so even the first new token
+    # goes through drafting and verification.
+    cache = prefill(target, idx, L)
+    drafter.start(idx, L)
     seq, cur = idx, idx[:, -1:]  # seq: every accepted token; cur = seq[:, -1:], not yet in the caches
     hist = [0] * (gamma + 1)
     rounds = drafted = accepted = 0
