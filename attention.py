@@ -115,15 +115,22 @@ def _budgets(topk, S, device):
 
 
 # ------------------------------------------------------------------------------ reference
+def _selected(block_idx, block_cnt):
+    """The layout as a dense block mask: sel[..., i, j] is True where query block i attends to key
+    block j. block_idx [..., NQ, KMAX], block_cnt [..., NQ] -> bool [..., NQ, NQ]."""
+    NQ, KMAX = block_idx.shape[-2:]
+    slot = torch.arange(KMAX, device=block_idx.device)
+    keep = (slot < block_cnt[..., None]) & (block_idx >= 0)                 # [..., NQ, KMAX]
+    sel = torch.zeros(*block_idx.shape[:-1], NQ + 1, dtype=torch.bool, device=block_idx.device)
+    sel.scatter_(-1, torch.where(keep, block_idx.long(), NQ), True)         # column NQ = padding
+    return sel[..., :NQ]
+
+
 def attention_reference(q, k, v, block_idx, block_cnt, block_size):
     """Obviously correct twin: expand the block layout to a dense token mask, softmax in fp32."""
     B, H, T, D = q.shape
-    NQ = T // block_size
-    slot = torch.arange(block_idx.shape[-1], device=q.device)
-    keep = (slot < block_cnt[..., None]) & (block_idx >= 0)                 # [B, H, NQ, KMAX]
-    blocks = torch.zeros(B, H, NQ, NQ + 1, dtype=torch.bool, device=q.device)
-    blocks.scatter_(-1, torch.where(keep, block_idx.long(), NQ), True)      # column NQ = padding
-    mask = blocks[..., :NQ].repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)
+    blocks = _selected(block_idx, block_cnt)                                # [B, H, NQ, NQ]
+    mask = blocks.repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)
     mask &= torch.ones(T, T, dtype=torch.bool, device=q.device).tril()      # causal, [B, H, T, T]
     f = torch.promote_types(q.dtype, torch.float32)                         # fp32, or fp64 if given
     s = (q.to(f) @ k.to(f).transpose(-1, -2)) / math.sqrt(D)
@@ -340,11 +347,8 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, sm_scale, qk_scale, stride
 def _transpose_layout(block_idx, block_cnt):
     """For each key block, the ascending list of query blocks that selected it, and their count:
     qidx int32 [B*H, NQ, NQ] (padded with 0), qcnt int32 [B*H, NQ]. Built once per backward."""
-    BH, NQ, KMAX = block_idx.shape
-    keep = (torch.arange(KMAX, device=block_idx.device) < block_cnt[..., None]) & (block_idx >= 0)
-    sel = torch.zeros(BH, NQ, NQ + 1, dtype=torch.bool, device=block_idx.device)
-    sel.scatter_(-1, torch.where(keep, block_idx.long(), NQ), True)     # sel[z, i, j]: i uses j
-    selT = sel[..., :NQ].transpose(1, 2)                                  # [BH, key j, query i]
+    NQ = block_idx.shape[1]
+    selT = _selected(block_idx, block_cnt).transpose(1, 2)               # [BH, key j, query i]
     qi = torch.arange(NQ, device=block_idx.device)
     qidx = torch.where(selT, qi, NQ).sort(dim=-1).values                 # selecting blocks first
     qcnt = selT.sum(-1, dtype=torch.int32)
@@ -438,8 +442,8 @@ def _chunks(groups, block_size, head_dim, chunk_elems, dtype):
     for rows, keys, diag in groups:
         width = keys.shape[1] * block_size                                  # keys per query row
         step = max(1, chunk_elems // (width * head_dim))
+        mask = causal[:, widest - width:] if diag else None
         for c0 in range(0, rows.shape[0], step):
-            mask = causal[:, widest - width:] if diag else None
             yield rows[c0:c0 + step], keys[c0:c0 + step], mask
 
 
