@@ -264,13 +264,12 @@ class CostModel:
                 return fixed + per_block * (k * (k + 1) // 2 + (n - k) * k)
             return f
         i, w = _bracket(self._logl, math.log(tokens))
-        lin = tokens * ((1 - w) * self._lin_rate[i] + w * self._lin_rate[i + 1]
-                        if w else self._lin_rate[i])
-        rates = [(1 - w) * a + w * c for a, c in zip(self._att_rate[i], self._att_rate[i + 1])] \
-            if w else self._att_rate[i]
-        dense = self._dense_rate[i] if not w else (
-            (1 - w) * self._dense_rate[i] + w * self._dense_rate[i + 1])
-        dense_time = lin + dense * (n * (n + 1) // 2)
+        lerp = lambda a, c: (1 - w) * a + w * c  # noqa: E731  (only called when w > 0)
+        at = lambda xs: lerp(xs[i], xs[i + 1]) if w else xs[i]  # noqa: E731
+        lin = tokens * at(self._lin_rate)
+        rates = list(map(lerp, self._att_rate[i], self._att_rate[i + 1])) if w else \
+            self._att_rate[i]
+        dense_time = lin + at(self._dense_rate) * (n * (n + 1) // 2)
         logk, brackets = self._logk, self._k_brackets
 
         def f(topk):
@@ -440,12 +439,13 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", p=0.1, k0=32, coverag
         layers = [[min(n, max(1, math.ceil(default_floor * k0))) for n in blocks]]
     else:
         cov = _to_lists(coverage)
-        per_layer = len(cov) > 0 and len(cov[0]) > 0 and hasattr(cov[0][0], "__len__")
-        cov = cov if per_layer else [cov]
+        nested = len(cov) > 0 and len(cov[0]) > 0 and hasattr(cov[0][0], "__len__")
+        cov = cov if nested else [cov]
         if any(len(c) != S for c in cov):
             raise ValueError(f"coverage needs one curve per sample ({S} rows, indexed like "
                              "lengths); reorder routing_coverage's rows to sample order")
         layers = [[min(n, coverage_floor(row, k0, p)) for n, row in zip(blocks, c)] for c in cov]
+    per_layer = len(layers) > 1
 
     if unit == "rank":
         units = [((r,), [i for micro in rank for i in micro]) for r, rank in enumerate(plan)]
@@ -481,31 +481,31 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", p=0.1, k0=32, coverag
     if loads_k0:
         A = {"mean": sum(loads_k0) / len(loads_k0), "min": min(loads_k0),
              "max": max(loads_k0)}[anchor]
-    A *= 1 + 1e-12  # the anchor unit itself must count as "at the anchor" despite rounding
+    limit = A * (1 + 1e-12)  # the anchor unit itself must count as "at the anchor" despite rounding
 
     budgets, loads, shortfalls = [], [0.0] * len(units), []
     for layer, floors in enumerate(layers):
         out = [0] * S
         for j, ((u, items), s) in enumerate(zip(units, scales)):
-            if loads_k0[j] > A:  # straggler: search k in [1, k0)
+            if loads_k0[j] > limit:  # straggler: search k in [1, k0)
                 cost = level_cost(items, floors, s, 1, k0)
-                if cost(1) > A:  # infeasible: keep the floors, report the miss
+                if cost(1) > limit:  # infeasible: keep the floors, report the miss
                     k = 1
-                    shortfalls.append((u, layer if len(layers) > 1 else None, cost(1) - A))
+                    shortfalls.append((u, layer if per_layer else None, cost(1) - limit))
                 else:
-                    k = _largest_within(cost, A, 1, k0)
+                    k = _largest_within(cost, limit, 1, k0)
             else:  # at or below the anchor: grow up to the anchor
                 hi = max(blocks[i] for i in items)
                 hi = hi if k_max is None else min(hi, k_max)
                 cost = level_cost(items, floors, s, k0, max(k0, hi))
-                k = k0 if hi <= k0 else (hi if cost(hi) <= A else _largest_within(cost, A, k0, hi))
+                k = k0 if hi <= k0 else (
+                    hi if cost(hi) <= limit else _largest_within(cost, limit, k0, hi))
             for i in items:
                 out[i] = min(blocks[i], max(k, floors[i]))
             loads[j] += cost(k)
         budgets.append(out)
-    per_layer = len(layers) > 1
     return DSTResult(budgets=budgets if per_layer else budgets[0],
-                     floors=layers if per_layer else layers[0], anchor=A / (1 + 1e-12),
+                     floors=layers if per_layer else layers[0], anchor=A,
                      units=[u for u, _ in units], loads_k0=[x * len(layers) for x in loads_k0],
                      loads=loads, shortfalls=shortfalls)
 
