@@ -256,6 +256,16 @@ class NgramDrafter:
         pass
 
 
+def draft_stats(rounds, drafted, accepted, hist):
+    """Speculative decoding's counts and the rates derived from them."""
+    return {
+        "rounds": rounds, "drafted": drafted, "accepted": accepted,
+        "acceptance": accepted / max(drafted, 1),  # share of drafted tokens kept
+        "mean_accepted": accepted / max(rounds, 1),  # drafts kept per round (tokens/round - 1)
+        "hist": hist,  # hist[n]: rounds that kept exactly n drafts
+    }
+
+
 @torch.inference_mode()
 def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperature=0.0,
                          top_k=None, top_p=None, generator=None, eos_id=None, callback=None):
@@ -338,14 +348,8 @@ def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperatur
         hist[n] += 1
     dt = time.perf_counter() - t0
     new_tokens = seq.size(1) - idx.size(1)
-    stats = {
-        "rounds": rounds, "drafted": drafted, "accepted": accepted,
-        "acceptance": accepted / max(drafted, 1),  # share of drafted tokens kept
-        "mean_accepted": accepted / max(rounds, 1),  # drafts kept per round (tokens/round - 1)
-        "hist": hist,  # hist[n]: rounds that kept exactly n drafts
-        "tokens_per_s": new_tokens / dt, "seconds": dt,
-    }
-    return seq, stats
+    return seq, {**draft_stats(rounds, drafted, accepted, hist), "tokens_per_s": new_tokens / dt,
+                 "seconds": dt}
 
 
 # -----------------------------------------------------------------------------
@@ -406,8 +410,8 @@ def bench(target, draft, prompts, max_new_tokens, gammas=(2, 4, 6), temperature=
         sts = [st for _, st in results[m] if st is not None]
         st = None
         if sts:
-            st = {k: sum(x[k] for x in sts) for k in ("drafted", "accepted", "rounds")}
-            st["hist"] = [sum(h) for h in zip(*(x["hist"] for x in sts))]
+            st = draft_stats(*(sum(x[k] for x in sts) for k in ("rounds", "drafted", "accepted")),
+                             [sum(h) for h in zip(*(x["hist"] for x in sts))])
         tokens = sum(o.size(1) - p.size(1) for o, p in zip(outs, prompts))
         rows.append({"name": name, "tps": tokens / sum(best[m]), "outs": outs, "st": st})
     ref = rows[1]
@@ -419,8 +423,8 @@ def bench(target, draft, prompts, max_new_tokens, gammas=(2, 4, 6), temperature=
     for r in rows:
         st = r["st"]
         same = "-" if not greedy else "yes" if all(torch.equal(a, b) for a, b in zip(r["outs"], ref["outs"])) else "NO"
-        acc = "-" if st is None else f"{st['accepted'] / max(st['drafted'], 1):.2f}"
-        kept = "-" if st is None else f"{st['accepted'] / max(st['rounds'], 1):.2f}"
+        acc = "-" if st is None else f"{st['acceptance']:.2f}"
+        kept = "-" if st is None else f"{st['mean_accepted']:.2f}"
         hist = "-" if st is None else format_hist(st["hist"])
         print(f"| {r['name']} | {r['tps']:.1f} | {r['tps'] / ref['tps']:.2f}x | {acc} | {kept} | {same} | {hist} |")
     return rows
