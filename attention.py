@@ -1,4 +1,4 @@
-"""Dynamic block-sparse attention: a MoBA-style gate, Triton kernels (fwd + bwd) and a torch twin.
+"""Dynamic block-sparse attention: a MoBA-style gate, Triton kernels (fwd + bwd) and a torch path.
 
 The gate (SparseBalance sec. "sparse attention used", after MoBA). The sequence is cut into blocks
 of `block_size` tokens. Query block i scores every earlier key block j of its own document by
@@ -25,6 +25,11 @@ The kernel loop (one program per query block and batch-head, FlashAttention-2 st
 The backward runs two kernels without atomics, so gradients are bitwise reproducible: dK/dV with
 one program per key block, looping over the query blocks that selected it (a transposed index
 built in torch), and dQ with one program per query block, looping over its key blocks.
+
+On CPU, `attention_torch` groups the query blocks by how many key blocks they attend to, gathers
+those blocks and runs PyTorch's fused CPU flash-attention kernels on them, forward and backward,
+summing dK/dV in index order (reproducible as well). `attention_reference` expands the layout to
+a dense mask; `routing_coverage` is the per-sequence curve the balancer uses as its quality floor.
 
 Run `python attention.py --bench` for the speed table, `python attention.py --check` (CUDA) for
 correctness of the Triton kernels against the reference in bf16 and fp16.
