@@ -81,16 +81,7 @@ def test_table_interpolation_reproduces_constant_rates():
             assert cm.predict(L, k) == pytest.approx(2e-6 * n * b + 3e-5 * visited_blocks(n, k))
 
 
-@pytest.fixture
-def one_thread():
-    # tiny ops: thread start-up would dominate (seconds on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_profile_builds_a_table_with_a_stand_in_attention(one_thread):
+def test_profile_builds_a_table_with_a_stand_in_attention(one_thread):  # tests/conftest.py
     calls = []
 
     def fake_attention(q, k, v, topk, cu_seqlens=None, block_size=64, impl="auto"):
@@ -127,7 +118,7 @@ def test_coverage_floor_brute_force():
 def dst_case(seed, world=4, m=2, n=24, block=64):
     rng = random.Random(seed)
     lengths = [rng.choice([rng.randint(100, 1000), rng.randint(2000, 8000)]) for _ in range(n)]
-    curves = [synthetic_coverage(-(-x // block) , rng.uniform(0.5, 1.5)) for x in lengths]
+    curves = [synthetic_coverage(-(-x // block), rng.uniform(0.5, 1.5)) for x in lengths]
     cm = CostModel.analytic(block_size=block, n_embd=64, n_head=2)
     plan = plan_batches(lengths, world, m, "naive", block_size=block)
     return lengths, curves, cm, plan
