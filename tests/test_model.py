@@ -108,10 +108,14 @@ def test_prefill_and_decode_match_full_forward(name):
         parts.append(model(idx[:, 26:29], cache=cache)[0])          # a verify-style chunk
     assert cache.pos == 29
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
-    cache.pos = 22                                                  # roll back, rewrite, compare
-    with torch.no_grad():
-        again, _ = model(idx[:, 22:29], cache=cache)
-    torch.testing.assert_close(again, full[:, 22:], atol=1e-5, rtol=0)
+    cache.pos = 22                                  # roll back and fill 22..28 with other ids,
+    with torch.no_grad():                           # then roll back again and rewrite: a chunk
+        for t in range(22, 29):                     # and the steps after it must see its K/V and
+            model((idx[:, t:t + 1] + 1) % 256, cache=cache)         # ids, not the stale ones
+        cache.pos = 22
+        again = [model(idx[:, 22:26], cache=cache)[0]]
+        again += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(26, 29)]
+    torch.testing.assert_close(torch.cat(again, 1), full[:, 22:], atol=1e-5, rtol=0)
 
 
 def test_cache_errors():
