@@ -119,6 +119,9 @@ def test_imbalance_hand_computed():
     assert out["rank"] == pytest.approx(4.0 / 3.0)       # ranks 4, 2
     assert out["microbatch"] == pytest.approx(3.0 / 2.0)  # non-empty 1, 3, 2
     assert "1.333 -> 1.333" in imbalance_report(plan, plan, [1.0, 3.0, 2.0])
+    better = [[[0], [2]], [[1], []]]  # ranks 3, 3
+    assert imbalance_report(plan, better, [1.0, 3.0, 2.0]) == (
+        "imbalance max/mean: rank 1.333 -> 1.000, microbatch 1.500 -> 1.500")
 
 
 def test_check_plan_rejects_broken_plans():
