@@ -237,8 +237,12 @@ class NgramDrafter:
 
     uses_ids = True  # drafting needs the target's n-gram ids of each token; verification reuses them
 
+    @staticmethod
+    def available(target):
+        return target.config.ngram_draft_head and ngram_embedding(target) is not None
+
     def __init__(self, target):
-        if not getattr(target.config, "ngram_draft_head", False) or ngram_embedding(target) is None:
+        if not self.available(target):
             raise ValueError("the target has no N-gram draft head; train it with "
                              "ngram_draft_head=True (and ngram_n >= 2) or use --draft model")
         self.model = target
@@ -386,7 +390,7 @@ def bench(target, draft, prompts, max_new_tokens, gammas=(2, 4, 6), temperature=
     methods = [("plain, recompute all", lambda i, g: generate_recompute(target, i, max_new_tokens, generator=g, **kw)),
                ("plain, KV cache", lambda i, g: generate(target, i, max_new_tokens, generator=g, **kw))]
     drafters = [("draft model", draft)] if draft is not None else []
-    if target.config.ngram_draft_head and ngram_embedding(target) is not None:
+    if NgramDrafter.available(target):
         drafters.append(("N-gram drafter", "ngram"))
     for name, d in drafters:
         for gamma in gammas:
