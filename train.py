@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from attention import routing_coverage
 from balance import CostModel, OnlineCorrection, tune_budgets
-from batching import SABState, plan_batches
+from batching import SABState, padded, plan_batches
 from data import stdlib_files, stdlib_root
 from model import GPT, GPTConfig, apply_rope, doc_positions, rope
 
@@ -322,7 +322,7 @@ def pack_rows(samples, capacity, block):
     """Greedy, in order: samples -> rows whose padded lengths sum to at most `capacity`."""
     rows, cur, used = [], [], 0
     for s in samples:
-        n = -(-(len(s) - 1) // block) * block
+        n = padded(len(s) - 1, block)
         if cur and used + n > capacity:
             rows, cur, used = rows + [cur], [], 0
         cur, used = cur + [s], used + n
@@ -339,7 +339,7 @@ def evaluate(model, val, filler, cfg, args, rank, world, device, ctx):
     for row in pack_rows(val, cfg.max_seq_len, cfg.attn_block)[rank::world]:
         x, y, m, cu = make_microbatch(row, cfg.attn_block, device)
         with ctx:
-            logits, _ = model(x, y, cu_seqlens=cu, loss_mask=m)  # (1, T, V)
+            logits, _ = model(x, cu_seqlens=cu)  # (1, T, V); no targets: the loss is summed here
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
         sums.append(torch.stack([(ce * m.flatten()).sum(), m.sum()]).double())
     local = torch.stack(sums).sum(0).tolist() if sums else [0.0, 0.0]
@@ -351,9 +351,9 @@ def evaluate(model, val, filler, cfg, args, rank, world, device, ctx):
             hits = 0
             for trial in range(rank, 8, world):  # 8 fixed documents per cell
                 toks, pos = passkey_sample(np.random.default_rng([args.seed, 99, L, trial]), filler, L)
-                x, y, m, cu = make_microbatch([toks], cfg.attn_block, device)
+                x, y, _, cu = make_microbatch([toks], cfg.attn_block, device)
                 with ctx:
-                    logits, _ = model(x, y, cu_seqlens=cu, topk=k, loss_mask=m)
+                    logits, _ = model(x, cu_seqlens=cu, topk=k)
                 hits += int((logits[0, pos].argmax(-1) == y[0, pos]).all())
             local.append(hits)
     tot = all_gather_row(local, world, device).sum(0).tolist()
@@ -414,7 +414,7 @@ def coverage_curves(model, samples, plan_r, world, device, ctx):
     return [merged[i] for i in range(len(samples))]
 
 
-def step(model, params, samples, plan_r, budgets, n_global, rank, world, device, ctx):
+def step(model, params, samples, plan_r, budgets, n_global, world, device, ctx):
     """Run this rank's microbatches, then sum gradients over ranks. Each microbatch's mean loss is
     weighted by its share of the global token count, so the summed gradient is that of the mean
     loss over every token of the step whatever the split. We all-reduce once, by hand, rather than
@@ -428,9 +428,9 @@ def step(model, params, samples, plan_r, budgets, n_global, rank, world, device,
         topk = torch.tensor([budgets[i] for i in micro], dtype=torch.long, device=device)
         with ctx:
             _, loss = model(x, y, cu_seqlens=cu, topk=topk, loss_mask=m)
-        (loss * (m.sum() / n_global)).backward()
-        lm = getattr(model, "last_losses", {}).get("lm", loss)
-        loss_sum += torch.as_tensor(lm, device=device).detach().double() * m.sum()
+        n = m.sum()
+        (loss * (n / n_global)).backward()
+        loss_sum += model.last_losses["lm"].double() * n  # the LM part alone (no MoE/draft terms)
     sync()
     compute = time.perf_counter() - t0
     if world > 1:  # one flat buffer: unused parameters (an idle rank, unrouted experts) send zeros
@@ -485,7 +485,8 @@ def main(argv=None):
             ks = [2 ** i for i in range(12) if 2 ** i <= cfg.max_seq_len // cfg.attn_block]
             CostModel.profile(lengths=lens, budgets=ks, n_embd=cfg.n_embd, n_head=cfg.n_head,
                               block_size=cfg.attn_block, device=device).save(cost_file)
-        dist.barrier() if world > 1 else None
+        if world > 1:
+            dist.barrier()
         cost = CostModel.load(cost_file)
     elif os.path.isfile(args.cost_model):
         cost = CostModel.load(args.cost_model)
@@ -517,13 +518,14 @@ def main(argv=None):
     def checkpoint(s):
         if master:
             save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=opt.state_dict(), step=s,
-                                            rng=rng_state(), data_pos=s * args.batch_size, sab_state=ema.state_dict(),
+                                            rng=rng_state(), sab_state=ema.state_dict(),
                                             correction=dict(factors=corr.factors, steps=corr.steps), config=dataclasses.asdict(cfg), train_config=vars(args)))
         if world > 1:
             dist.barrier()  # the checkpoint is complete before any rank moves on (or dies)
 
     lr_min = args.lr * args.min_lr_frac
-    perm = {}
+    draw = np.array([len(x) for x in train], float) ** args.length_bias
+    draw /= draw.sum()  # sampling probabilities (--length-bias)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, dynamic_ncols=True)
     for s in bar:
         if s + 1 == args.crash_at_step and rank == world - 1:
@@ -539,8 +541,7 @@ def main(argv=None):
             g["lr"] = lr
         # The step's samples: a function of (seed, step) alone, so a resumed run sees the same data.
         rng = np.random.default_rng([args.seed, s])
-        w = np.array([len(x) for x in train], float) ** args.length_bias
-        ids = rng.choice(len(train), args.batch_size, replace=len(train) < args.batch_size, p=w / w.sum())
+        ids = rng.choice(len(train), args.batch_size, replace=len(train) < args.batch_size, p=draw)
         samples = [train[i] for i in ids]
         for j in np.flatnonzero(rng.random(args.batch_size) < args.passkey_frac):
             L = int(rng.integers(cfg.attn_block, cfg.max_seq_len + 1))
@@ -554,9 +555,9 @@ def main(argv=None):
             dst_s = time.perf_counter() - t
             return out
         plan, budgets = plan_step(lengths, args, cfg, world, cost, ema, corr, coverage_fn=curves)
-        n_global = float(sum(len(x) - 1 for x in samples))
+        n_global = float(sum(lengths))
 
-        loss_sum, compute = step(model, params, samples, plan[rank], budgets, n_global, rank, world, device, ctx)
+        loss_sum, compute = step(model, params, samples, plan[rank], budgets, n_global, world, device, ctx)
         gathered = all_gather_row([loss_sum, compute], world, device)  # [world, 2]
         loss = gathered[:, 0].sum().item() / n_global
         times = gathered[:, 1]
