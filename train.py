@@ -517,6 +517,7 @@ def main(argv=None):
 
     def checkpoint(s):
         if master:
+            # `step` is also the data position: step s's samples come from default_rng([seed, s]).
             save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=opt.state_dict(), step=s,
                                             rng=rng_state(), sab_state=ema.state_dict(),
                                             correction=dict(factors=corr.factors, steps=corr.steps), config=dataclasses.asdict(cfg), train_config=vars(args)))
