@@ -75,9 +75,9 @@ class GPTConfig:
         need(self.topk >= 1, f"topk={self.topk} must be >= 1 (the diagonal block counts)")
         need(self.mlp in ("swiglu", "gelu"), f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
         need(self.ffn_hidden >= 0, "ffn_hidden must be >= 0 (0 = default width)")
+        need(self.n_experts >= 0, "n_experts must be >= 0 (0 = dense MLP)")
         need(self.n_experts == 0 or 1 <= self.expert_topk <= self.n_experts,
              f"expert_topk={self.expert_topk} must be in [1, n_experts={self.n_experts}]")
-        need(self.n_experts >= 0, "n_experts must be >= 0 (0 = dense MLP)")
         need(self.ngram_amp in ("none", "sqrt_d", "layernorm"),
              f"ngram_amp must be 'none', 'sqrt_d' or 'layernorm', got {self.ngram_amp!r}")
         need(min(self.moe_aux_weight, self.draft_weight) >= 0, "loss weights must be >= 0")
