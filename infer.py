@@ -403,7 +403,7 @@ def bench(target, draft, prompts, max_new_tokens, gammas=(2, 4, 6), temperature=
     for _ in tqdm(range(repeats), desc="bench repeats"):
         for m, (name, fn) in enumerate(methods):
             for j, idx in enumerate(prompts):
-                gen = torch.Generator().manual_seed(0)  # a fresh generator: every repeat draws alike
+                gen = torch.Generator(idx.device).manual_seed(0)  # fresh: every repeat draws alike
                 t0 = time.perf_counter()
                 res = fn(idx, gen)
                 best[m][j] = min(best[m][j], time.perf_counter() - t0)
