@@ -465,7 +465,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     check_sampling(args.temperature, args.top_k, args.top_p)
-    torch.manual_seed(args.seed)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     target = load_model(args.ckpt, args.device)
     draft = None
