@@ -448,13 +448,27 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
-        """Load {"model": state_dict, "config": asdict(config), ...} as written by train.py."""
+        """Load {"model": state_dict, "config": asdict(config), ...} as written by train.py.
+        weights_only=True: tensors and plain values only, so a crafted file cannot run code (an
+        explicit True also overrides TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD). Any other file is a
+        ValueError naming it."""
         if not os.path.exists(path):
             raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py or fix the path")
-        ckpt = torch.load(path, map_location=map_location)
-        model = cls(GPTConfig(**ckpt["config"]))
-        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-        model.load_state_dict(state)
+        fix = "pass a checkpoint written by train.py"
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # empty, truncated, random bytes, or objects a safe load refuses
+            raise ValueError(f"{path}: not a loadable checkpoint (empty, truncated, corrupt, or holding "
+                             f"objects a weights-only load refuses: {type(e).__name__}): {fix}") from None
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)):
+            raise ValueError(f"{path}: no 'model' and 'config' entries (a bare state_dict?): {fix}")
+        try:
+            model = cls(GPTConfig(**ckpt["config"]))
+            state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+            model.load_state_dict(state)
+        except (TypeError, ValueError, RuntimeError) as e:  # unknown field, bad value, weights != config
+            raise ValueError(f"{path}: its config and weights do not make a GPT "
+                             f"({' '.join(str(e).split())[:240]}): {fix}") from None
         return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
 
 
