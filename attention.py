@@ -1,53 +1,73 @@
-"""Dynamic block-sparse attention: a MoBA-style gate, Triton kernels (fwd + bwd) and a torch path.
+"""Token-level MoBA attention: the gate, routing coverage and the budget floor, a naive twin, a
+torch path and Triton kernels (forward + backward), and sparse decoding.
 
-The gate (SparseBalance sec. "sparse attention used", after MoBA). The sequence is cut into blocks
-of `block_size` tokens. Query block i scores every earlier key block j of its own document by
-    score(i, j) = mean(q of block i) . mean(k of block j)
-keeps the top `topk - 1` of them plus its own (diagonal) block, and attends only to those, with the
-causal mask applied inside the diagonal block. `topk` is the per-sequence budget that the balancer
-(DST) turns up and down at run time; a budget >= the blocks available is plain causal attention.
+The gate (MoBA, "Mixture of Block Attention"; SparseBalance sec. 2, the sparse attention it
+trains). A document is cut into blocks of `block_size` tokens. Every query token t, in block i,
+scores each earlier block j of its own document by
+    score_j = q_t . mean(K of block j)                       (per head)
+and attends to its own block i (always, causally) plus the `budget - 1` best earlier blocks (ties
+to the lower j). Every block j < i ends before t, so nothing at t depends on a later position: the
+model is causal by construction. `budget >= i + 1` is plain causal attention.
 
-The layout is data you can print: per query block, the ascending list of selected key blocks and a
-count. Two documents of 3 and 2 blocks in one row (cu_seqlens = [0, 192, 320], block 64), topk=2:
-    block_idx[b, h] = [[0, -1],      block_cnt[b, h] = [1, 2, 2, 1, 2]
+The layout is data you can print: per token, the ascending list of the blocks it attends to and a
+count. One head, 5 tokens of a document, block 2, budget 2 (own block + the best earlier one):
+    block_idx[b, h] = [[0, -1],       block_cnt[b, h] = [1, 1, 2, 2, 2]
+                       [0, -1],
+                       [0,  1],       <- token 2 (block 1): block 0 is the only earlier block
                        [0,  1],
-                       [0,  2],      <- block 2 kept the better of {0, 1}, and itself
-                       [3, -1],      <- a new document: block 3 sees only itself
-                       [3,  4]]
-Padding is -1; the diagonal block is always present and, being the largest entry, always last.
+                       [1,  2]]       <- token 4 (block 2) chose block 1 over block 0
+The own block is always the last entry; padding is -1.
 
-The kernel loop (one program per query block and batch-head, FlashAttention-2 style):
-    for each selected key block j (the last one, the diagonal, with the causal mask):
-        s = q k_j^T * scale * log2(e)         # exp2 is the fast hardware exponential
-        m_new = max(m, rowmax(s)); p = exp2(s - m_new)
-        acc = acc * exp2(m - m_new) + p v_j;  l = l * exp2(m - m_new) + rowsum(p)
-    o = acc / l;  lse = m + log2(l)            # lse is all the backward needs to rebuild p
-The backward runs two kernels without atomics, so gradients are bitwise reproducible: dK/dV with
-one program per key block, looping over the query blocks that selected it (a transposed index
-built in torch), and dQ with one program per query block, looping over its key blocks.
+Coverage and the floor (SparseBalance, DST's quality floor). For each token, the softmax of its
+earlier blocks' scores (scale 1/sqrt(D)) gives each block a share of routing mass; C(k) is the
+mass of its best k - 1 blocks (its own block is always attended and stays out of the curve; 1 once
+every earlier block is in). Averaged over heads and tokens, one curve per sequence. With `p`, a
+sequence's budget is raised to its floor, the smallest k with C(k) >= (1 - p) C(k0). This comes
+from the scores the gate computes anyway, so every layer gets its own floor at no extra pass. The
+floor is one integer per sequence and layer computed from the whole sequence (as in the paper), so
+with `p` set the budget, never the selection rule, carries information from later tokens; with
+fixed budgets the model is exactly causal.
 
-On CPU, `attention_torch` groups the query blocks by how many key blocks they attend to, gathers
-those blocks and runs PyTorch's fused CPU flash-attention kernels on them, forward and backward,
-summing dK/dV in index order (reproducible as well). `attention_reference` expands the layout to
-a dense mask; `routing_coverage` is the per-sequence curve the balancer uses as its quality floor.
+Kernels: key-block-major ("pair tiles", MoBA's efficient path, FlashMoBA). The selected (token,
+block j) pairs are grouped by key block; the tokens that chose block j are gathered into dense
+tiles of TILE query rows; each tile attends to its one key block and writes a partial output with
+its log-sum-exp; the partials of a token are then merged (o = sum_p exp(lse_p - lse) o_p). Work is
+proportional to the selected pairs. The other design, one program per query block looping over the
+union of its tokens' blocks with a per-token mask, is simpler, but at random init the 64 tokens of
+a block choose nearly every earlier block, so its work is close to dense: `python attention.py
+--bench` prints both designs' key-block visits for the same layouts (column "union/pairs").
+The backward has no atomics: one program per key block loops over its tiles (dK, dV owned by that
+program) and writes each pair's dQ to its own row; the pairs of a token are then summed in index
+order, so gradients are bitwise reproducible.
 
-Run `python attention.py --bench` for the speed table, `python attention.py --check` (CUDA) for
-correctness of the Triton kernels against the reference in bf16 and fp16.
+    forward, per tile (queries that chose key block j):       backward, per key block j:
+        s = q k_j^T * scale * log2(e)                              for each tile of j:
+        s = -inf where key > query (own block only)                   p = exp2(s - lse_token)
+        m = rowmax(s); p = exp2(s - m); l = rowsum(p)                 dv += p^T do
+        o_pair = p v_j / l;  lse_pair = m + log2(l)                   ds = p * (do v_j^T - delta)
+                                                                       dk += ds^T q; dq_pair = ds k_j
+
+On CPU, `attention_torch` runs the same tiles through PyTorch's fused CPU flash-attention kernel
+(own blocks directly, causal, without a gather). `attention_reference` is the naive twin: per
+document, the token-level mask built in a loop and a dense masked softmax in fp32.
+
+    python attention.py --bench        # speed table (CPU: torch path; CUDA: Triton, FlexAttention)
+    python attention.py --check        # CUDA: Triton against the twin in bf16/fp16, reruns bitwise
 """
 import argparse
 import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
-from einops import rearrange
 
 IMPLS = ("auto", "triton", "torch", "reference")
 LOG2E = 1.4426950408889634                  # exp(x) = exp2(x * log2(e))
+TILE = 64                                   # query rows per pair tile, Triton (16 interpreted)
+CPU_TILE = 128                              # the same for the torch path (fastest measured)
 
 
 # ------------------------------------------------------------------------------ input checks
@@ -66,6 +86,8 @@ def _check_qkv(q, k, v=None, block_size=64):
     if q.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, T, D], got shape {tuple(q.shape)}")
     B, H, T, D = q.shape
+    if B == 0 or H == 0:
+        raise ValueError(f"q, k, v must hold at least one row and head, got shape {tuple(q.shape)}")
     if not _is_pow2(D):
         raise ValueError(f"head dim must be a power of two >= 16, got {D}")
     if T == 0 or T % block_size:
@@ -79,7 +101,6 @@ def _documents(cu_seqlens, B, T, block_size, device):
 
     Returns seq [B, NQ] long, first [B, NQ] long, and S (the number of sequences)."""
     NQ = T // block_size
-    row_block = torch.arange(NQ, device=device)
     if cu_seqlens is None:
         seq = torch.arange(B, device=device)[:, None].expand(B, NQ)
         return seq, torch.zeros(B, NQ, dtype=torch.long, device=device), B
@@ -96,454 +117,432 @@ def _documents(cu_seqlens, B, T, block_size, device):
     if bad:
         raise ValueError(f"cu_seqlens {bad}; got {cu[:8]}{'...' if len(cu) > 8 else ''}")
     starts = torch.tensor(cu, device=device) // block_size                 # in global blocks
-    g = torch.arange(B, device=device)[:, None] * NQ + row_block            # [B, NQ] global block
+    g = torch.arange(B, device=device)[:, None] * NQ + torch.arange(NQ, device=device)
     seq = torch.searchsorted(starts[1:], g, right=True)                     # [B, NQ]
     first = starts[seq] - torch.arange(B, device=device)[:, None] * NQ      # row-local
     return seq, first, len(cu) - 1
 
 
-def _budgets(topk, S, device):
+def _budgets(topk, S, device, name="topk"):
     """The budget of every sequence as a LongTensor [S]; raises on budgets < 1 or a wrong length."""
     if isinstance(topk, torch.Tensor):
         if topk.dtype.is_floating_point or topk.dtype == torch.bool or topk.numel() != S:
-            raise ValueError(f"topk must be an int or an integer tensor with one budget per "
+            raise ValueError(f"{name} must be an int or an integer tensor with one budget per "
                              f"sequence ({S}); got {topk.dtype} with {topk.numel()} entries")
         budget = topk.reshape(S).to(device=device, dtype=torch.long)
     elif isinstance(topk, int) and not isinstance(topk, bool):
         budget = torch.full((S,), topk, dtype=torch.long, device=device)
     else:
-        raise ValueError(f"topk must be an int or a LongTensor [S], got {type(topk).__name__}")
+        raise ValueError(f"{name} must be an int or a LongTensor [S], got {type(topk).__name__}")
     if S and int(budget.min()) < 1:
-        raise ValueError(f"every budget must be >= 1 (it counts the diagonal block), "
-                         f"got {int(budget.min())}")
+        raise ValueError(f"every budget must be >= 1 (it counts the token's own block), "
+                         f"got {name}={int(budget.min())}")
     return budget
 
 
-# ------------------------------------------------------------------------------ reference
-def _selected(block_idx, block_cnt):
-    """The layout as a dense block mask: sel[..., i, j] is True where query block i attends to key
-    block j. block_idx [..., NQ, KMAX], block_cnt [..., NQ] -> bool [..., NQ, NQ]."""
-    NQ, KMAX = block_idx.shape[-2:]
-    slot = torch.arange(KMAX, device=block_idx.device)
-    keep = (slot < block_cnt[..., None]) & (block_idx >= 0)                 # [..., NQ, KMAX]
-    sel = torch.zeros(*block_idx.shape[:-1], NQ + 1, dtype=torch.bool, device=block_idx.device)
-    sel.scatter_(-1, torch.where(keep, block_idx.long(), NQ), True)         # column NQ = padding
-    return sel[..., :NQ]
-
-
+# ------------------------------------------------------------------------------ naive twin
 def attention_reference(q, k, v, block_idx, block_cnt, block_size):
-    """Obviously correct twin: expand the block layout to a dense token mask, softmax in fp32."""
+    """Obviously correct twin: per token, a dense mask of the key positions its blocks cover
+    (causal inside its own block), then softmax in fp32 (fp64 if given). Every other impl is
+    tested against this, and this against MoBA's own reference (tests/fixtures)."""
     B, H, T, D = q.shape
-    blocks = _selected(block_idx, block_cnt)                                # [B, H, NQ, NQ]
-    mask = blocks.repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)
-    mask &= torch.ones(T, T, dtype=torch.bool, device=q.device).tril()      # causal, [B, H, T, T]
-    f = torch.promote_types(q.dtype, torch.float32)                         # fp32, or fp64 if given
+    KMAX = block_idx.shape[-1]
+    mask = torch.zeros(B, H, T, T // block_size + 1, dtype=torch.bool, device=q.device)
+    keep = torch.arange(KMAX, device=q.device) < block_cnt[..., None]      # [B, H, T, KMAX]
+    blocks = torch.where(keep, block_idx.long(), T // block_size)         # padding -> spare column
+    mask.scatter_(-1, blocks, True)
+    mask = mask[..., :-1].repeat_interleave(block_size, -1)               # [B, H, T, T] keys
+    mask &= torch.ones(T, T, dtype=torch.bool, device=q.device).tril()    # causal in own block
+    f = torch.promote_types(q.dtype, torch.float32)
     s = (q.to(f) @ k.to(f).transpose(-1, -2)) / math.sqrt(D)
     p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
     return (p @ v.to(f)).to(q.dtype)
 
 
-# ------------------------------------------------------------------------------ selection
-def _gate_scores(q, k, cu_seqlens, block_size):
-    """Mean-pooled gate scores [B, H, NQ, NQ] (fp32), the allowed mask [B, 1, NQ, NQ] (earlier
-    blocks of the same document, diagonal excluded) and the document layout."""
-    B, H, T, D = q.shape
+# ------------------------------------------------------------------------------ the gate
+class Selection(NamedTuple):
+    block_idx: torch.Tensor   # int32 [B, H, T, KMAX]: blocks each token attends to, ascending, -1 pad
+    block_cnt: torch.Tensor   # int32 [B, H, T]: how many (own block included)
+    budget: torch.Tensor      # long [S]: the budget each sequence used (requested, or its floor)
+    coverage: torch.Tensor    # float [S, NQ]: C(k) at index k - 1 (None unless asked or p is set)
+    floor: torch.Tensor       # long [S]: smallest k with C(k) >= (1 - p) C(k0) (None without p)
+
+
+def _past_scores(q, kmean, blk, first):
+    """Gate scores of query tokens against block means, -inf outside each token's earlier blocks
+    of its document. q [..., n, D], kmean [..., NQ, D], blk [n] / first [..., n] -> [..., n, NQ]."""
+    j = torch.arange(kmean.shape[-2], device=q.device)
+    past = (j < blk[:, None]) & (j >= first[..., None])
+    return (q.float() @ kmean.transpose(-1, -2)).masked_fill(~past, float("-inf"))
+
+
+def select_blocks(q, k, topk, cu_seqlens=None, block_size=64, k0=None, p=None, coverage=False,
+                  chunk_elems=1 << 24):
+    """The MoBA gate, per query token and head (module docstring), plus DST's per-layer floor.
+
+    q, k [B, H, T, D]; topk: int or LongTensor [S] (one budget per sequence, own block included);
+    cu_seqlens: packed documents (int32 offsets into B*T, multiples of block_size). With `p` (and
+    `k0`, the budget the floor is measured at) each budget becomes max(requested, floor).
+    `coverage=True` returns the full curves (else they run up to max(budget, k0), when p is set).
+    Scores are computed without gradient, `chunk_elems` at a time. Returns a `Selection`."""
+    B, H, T, D = _check_qkv(q, k, None, block_size)
     NQ = T // block_size
     seq, first, S = _documents(cu_seqlens, B, T, block_size, q.device)
-    qm = rearrange(q.detach().float(), "b h (n s) d -> b h n s d", s=block_size).mean(3)
-    km = rearrange(k.detach().float(), "b h (n s) d -> b h n s d", s=block_size).mean(3)
-    scores = qm @ km.transpose(-1, -2)                                      # [B, H, NQ, NQ]
-    i = torch.arange(NQ, device=q.device)
-    allowed = (i[None, :] < i[:, None]) & (i[None, None, :] >= first[:, :, None])
-    return scores, allowed[:, None], seq, first, S
-
-
-def select_blocks(q, k, topk, cu_seqlens=None, block_size=64):
-    """MoBA gate at query-block granularity (SparseBalance sec. "sparse attention used").
-
-    Query block i keeps its diagonal block plus the `topk - 1` earlier key blocks of its document
-    with the highest score mean(q_i) . mean(k_j). Ties go to the earlier block (stable sort), so the
-    layout is deterministic. `topk`: int or LongTensor [S] (one budget per sequence, diagonal
-    included). Returns block_idx int32 [B, H, NQ, KMAX] (ascending, padded with -1; KMAX =
-    min(max budget, NQ)) and block_cnt int32 [B, H, NQ] = min(budget, blocks available)."""
-    B, H, T, D = _check_qkv(q, k, None, block_size)
-    NQ = T // block_size
-    scores, allowed, seq, first, S = _gate_scores(q, k, cu_seqlens, block_size)
     budget = _budgets(topk, S, q.device)
-    kmax = min(int(budget.max()), NQ)
-    i = torch.arange(NQ, device=q.device)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    scores[..., i, i] = float("inf")                                        # diagonal always first
-    order = scores.sort(dim=-1, descending=True, stable=True).indices[..., :kmax]
-    cnt = torch.minimum(budget[seq], i - first + 1)[:, None].expand(B, H, NQ)   # [B, H, NQ]
-    slot = torch.arange(kmax, device=q.device)
-    idx = torch.where(slot < cnt[..., None], order, NQ).sort(dim=-1).values   # padding sorts last
+    if p is not None:
+        if not (isinstance(p, (int, float)) and 0 <= p < 1):
+            raise ValueError(f"p must be a number in [0, 1) (the coverage DST may give up), got {p!r}")
+        if not (isinstance(k0, int) and not isinstance(k0, bool) and k0 >= 1):
+            raise ValueError(f"with p, k0 must be an int >= 1 (the budget coverage is measured "
+                             f"at), got {k0!r}")
+    want_cov = coverage or p is not None
+    width = min(max(int(budget.max()), k0 or 1, NQ if coverage else 1), NQ)   # C(1..width)
+    r = min(width, NQ - 1) if NQ > 1 else 0        # earlier blocks ranked per token (+1: ties)
+    blk = torch.arange(T, device=q.device) // block_size           # [T] block of each token
+    first_t = first[:, blk][:, None]                               # [B, 1, T] doc's first block
+    n_past = blk - first[:, blk]                                   # [B, T] earlier blocks in doc
+    tok_seq = seq[:, blk]                                          # [B, T]
+    kmean = k.detach().float().unflatten(2, (NQ, block_size)).mean(3)    # [B, H, NQ, D]
+    top = torch.empty(B, H, T, r, dtype=torch.long, device=q.device)
+    val = torch.empty(B, H, T, r, device=q.device)
+    cov = torch.zeros(S, width, device=q.device)
+    step = max(1, chunk_elems // (B * H * NQ))
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        s = _past_scores(q[:, :, t0:t1].detach(), kmean, blk[t0:t1], first_t[..., t0:t1])
+        val[:, :, t0:t1], top[:, :, t0:t1] = s.topk(r, dim=-1)          # [B, H, c, r] descending
+        if want_cov:   # C(k): softmax mass (scale 1/sqrt(D)) of the best k - 1 earlier blocks
+            lse = torch.logsumexp(s / math.sqrt(D), -1, keepdim=True)
+            mass = torch.exp(val[:, :, t0:t1, :width - 1] / math.sqrt(D) - lse).cumsum(-1)
+            curve = F.pad(mass, (1, 0)).nan_to_num(0.0).clamp(max=1.0)   # [B, H, c, width]
+            kk = torch.arange(width, device=q.device)                     # k - 1
+            curve = torch.where(kk >= n_past[:, None, t0:t1, None], 1.0, curve)  # all earlier in
+            cov.index_add_(0, tok_seq[:, t0:t1].flatten(), curve.mean(1).flatten(0, 1))
+    floor = None
+    if want_cov:
+        cov /= torch.bincount(tok_seq.flatten(), minlength=S).clamp(min=1)[:, None].float()
+    if p is not None:   # DST, in this layer: raise each budget to its coverage floor
+        target = (1 - p) * cov[:, min(k0, width) - 1:min(k0, width)]    # [S, 1]
+        floor = (cov < target - 1e-6).sum(1) + 1                         # curves are monotone
+        budget = torch.maximum(budget, floor)
+    cnt = torch.minimum(budget[tok_seq] - 1, n_past)[:, None].expand(B, H, T)   # earlier blocks
+    # torch.topk does not say which of two equal scores it keeps: where a tie straddles a token's
+    # cut, rank that token again with a stable sort, so ties always go to the lower block.
+    if r:
+        c = cnt.clamp(max=r - 1)
+        tie = (cnt >= 1) & (cnt < r) & (val.gather(-1, (c - 1).clamp(min=0)[..., None])
+                                        == val.gather(-1, c[..., None]))[..., 0]
+        if tie.any():
+            b, h, t = tie.nonzero(as_tuple=True)
+            s = _past_scores(q[b, h, t].detach()[:, None], kmean[b, h], blk[t, None], first_t[b, 0, t, None])
+            top[b, h, t] = s[:, 0].sort(dim=-1, descending=True, stable=True).indices[:, :r]
+    kmax = min(int(cnt.max()) + 1, NQ)
+    slot = torch.arange(kmax - 1, device=q.device)
+    chosen = torch.where(slot < cnt[..., None], top[..., :kmax - 1], NQ)
+    own = blk.expand(B, H, T)[..., None]
+    idx = torch.cat([chosen, own], -1).sort(dim=-1).values                # padding (NQ) last
     idx = idx.masked_fill(idx == NQ, -1)
-    return idx.to(torch.int32).contiguous(), cnt.to(torch.int32).contiguous()
+    return Selection(idx.to(torch.int32).contiguous(), (cnt + 1).to(torch.int32).contiguous(),
+                     budget, cov if want_cov else None, floor)
 
 
-# ------------------------------------------------------------------------------ coverage
 def routing_coverage(q, k, cu_seqlens=None, block_size=64):
-    """Routing-score coverage C(k) (SparseBalance sec. "sparse attention used", quality proxy).
-
-    Softmax of the gate scores / sqrt(D) over the blocks a query block may see; C[s, j] = mass of
-    the diagonal block plus the best j other blocks, averaged over heads and the query blocks of
-    sequence s (1 where fewer than j+1 blocks exist). Float [S, KMAX_all], non-decreasing, ending
-    at 1. DST uses it as the quality floor when it cuts a budget."""
-    B, H, T, D = _check_qkv(q, k, None, block_size)
-    NQ = T // block_size
-    scores, allowed, seq, first, S = _gate_scores(q, k, cu_seqlens, block_size)
-    i = torch.arange(NQ, device=q.device)
-    allowed = allowed.clone()
-    allowed[..., i, i] = True
-    p = torch.softmax((scores / math.sqrt(D)).masked_fill(~allowed, float("-inf")), dim=-1)
-    rank = p.masked_fill(~allowed, -1.0)
-    rank[..., i, i] = 2.0                                                   # diagonal counted first
-    order = rank.sort(dim=-1, descending=True, stable=True).indices
-    cov = p.gather(-1, order).cumsum(-1).clamp(max=1.0)                     # [B, H, NQ, NQ]
-    avail = (i - first + 1)[:, None, :, None]                                # [B, 1, NQ, 1]
-    cov = torch.where(i >= avail - 1, 1.0, cov)                             # exact 1 once all seen
-    kall = int((i - first + 1).max())
-    per_block = cov[..., :kall].mean(1).reshape(B * NQ, kall)               # mean over heads
-    seq = seq.reshape(-1)
-    total = torch.zeros(S, kall, device=q.device).index_add_(0, seq, per_block)
-    return total / torch.bincount(seq, minlength=S).clamp(min=1)[:, None].float()
+    """Routing coverage curves [S, NQ] (C(k) at index k - 1), from the same scores as the gate."""
+    return select_blocks(q, k, 1, cu_seqlens, block_size, coverage=True).coverage
 
 
-# ------------------------------------------------------------------------------ Triton kernels
-# q, k, v, o, do, dq, dk, dv are contiguous [B*H, T, D]: row z starts at z*stride_z, token t at
-# t*stride_t. lse and delta are fp32 [B*H, T]. idx/cnt: the layout, [B*H, NQ, KMAX] and [B*H, NQ].
-# UPCAST (CPU interpreter): compute in fp32 right after each load, as bf16 math is wrong there.
-
-@triton.jit
-def _fwd_step(acc, l_i, m_i, q, K, V, j, offs_m, offs_n, offs_d, stride_t, qk_scale,
-              UPCAST: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
-    """One key block of the online softmax (FlashAttention-2, Alg. 1) in the log2 domain."""
-    offs_k = j * BLOCK + offs_n
-    kT = tl.load(K + offs_k[None, :] * stride_t + offs_d[:, None])       # [HEAD_DIM, BLOCK]
-    v = tl.load(V + offs_k[:, None] * stride_t + offs_d[None, :])        # [BLOCK, HEAD_DIM]
-    if UPCAST:
-        kT, v = kT.to(tl.float32), v.to(tl.float32)
-    s = tl.dot(q, kT) * qk_scale                                          # [BLOCK, BLOCK]
-    if CAUSAL:
-        s = tl.where(offs_m[:, None] >= offs_k[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))                                 # [BLOCK]
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])                                       # [BLOCK, BLOCK]
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)                 # [BLOCK, HEAD_DIM]
-    return acc, l_i * alpha + tl.sum(p, 1), m_new
+# ------------------------------------------------------------------------------ pair tiles
+class _Tiles(NamedTuple):
+    rows: torch.Tensor     # long [NT * tile]: flat token row (z*T + t) of each tile row, -1 pad
+    tkey: torch.Tensor     # long [NT]: the key block of each tile, flat (z*NQ + j)
+    tstart: torch.Tensor   # long [Z*NQ + 1]: tiles of key block g are tstart[g]:tstart[g+1]
 
 
-@triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, IDX, CNT, qk_scale, stride_z, stride_t, T, NQ, KMAX,
-                UPCAST: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    i, z = tl.program_id(0), tl.program_id(1)                 # query block, batch*head
-    zo = z.to(tl.int64) * stride_z                          # 64-bit: B*H*T*D may pass 2^31
-    offs_m = i * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    Q, K, V, O = Q + zo, K + zo, V + zo, O + zo
-    IDX = IDX + (z * NQ + i) * KMAX
-    q = tl.load(Q + offs_m[:, None] * stride_t + offs_d[None, :])         # [BLOCK, HEAD_DIM]
-    if UPCAST:
-        q = q.to(tl.float32)
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-    n = tl.load(CNT + z * NQ + i)
-    for s in range(0, n - 1):                                 # earlier blocks: no mask needed
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, tl.load(IDX + s), offs_m, offs_n,
-                                  offs_d, stride_t, qk_scale, UPCAST, BLOCK, False)
-    acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, tl.load(IDX + n - 1), offs_m, offs_n,
-                              offs_d, stride_t, qk_scale, UPCAST, BLOCK, True)   # the diagonal
-    o = acc / l_i[:, None]
-    tl.store(O + offs_m[:, None] * stride_t + offs_d[None, :], o.to(O.dtype.element_ty))
-    tl.store(LSE + z * T + offs_m, m_i + tl.log2(l_i))                   # log2 domain
+def _pair_tiles(block_idx, block_cnt, NQ, tile, own_block):
+    """The layout, key-block-major: the (token, block) pairs sorted by key block (then token), and
+    the tokens of each key block cut into tiles of `tile` rows. own_block=False leaves every
+    token's own block out (the torch path attends to it without a gather)."""
+    Z, T, KMAX = block_idx.shape
+    used = block_cnt.long() - (0 if own_block else 1)                       # [Z, T]
+    z, t, s = (torch.arange(KMAX, device=used.device) < used[..., None]).nonzero(as_tuple=True)
+    key = z * NQ + block_idx[z, t, s].long()
+    order = torch.argsort(key, stable=True)                                 # token order kept
+    key = key[order]
+    counts = torch.bincount(key, minlength=Z * NQ)
+    tiles_per = (counts + tile - 1) // tile
+    tstart = F.pad(tiles_per.cumsum(0), (1, 0))
+    first = F.pad(counts.cumsum(0), (1, 0))
+    prow = tstart[key] * tile + torch.arange(len(key), device=key.device) - first[key]
+    rows = torch.full((int(tstart[-1]) * tile,), -1, dtype=torch.long, device=key.device)
+    rows[prow] = (z * T + t)[order]
+    tkey = torch.repeat_interleave(torch.arange(Z * NQ, device=key.device), tiles_per)
+    return _Tiles(rows, tkey, tstart)
 
 
-@triton.jit
-def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, i, offs_n, offs_r, offs_d, stride_t, qk_scale,
-               UPCAST: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
-    """Add the contribution of query block i to dK, dV of this key block (transposed math)."""
-    offs_m = i * BLOCK + offs_r
-    qT = tl.load(Q + offs_m[None, :] * stride_t + offs_d[:, None])       # [HEAD_DIM, BLOCK]
-    do = tl.load(DO + offs_m[:, None] * stride_t + offs_d[None, :])      # [BLOCK, HEAD_DIM]
-    if UPCAST:
-        qT, do = qT.to(tl.float32), do.to(tl.float32)
-    pT = tl.exp2(tl.dot(k, qT) * qk_scale - tl.load(LSE + offs_m)[None, :])   # [BLOCK_N, BLOCK_M]
-    if CAUSAL:
-        pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
-    dv += tl.dot(pT.to(do.dtype), do)                                     # [BLOCK, HEAD_DIM]
-    dpT = tl.dot(v, tl.trans(do))                                         # [BLOCK_N, BLOCK_M]
-    dsT = pT * (dpT - tl.load(DELTA + offs_m)[None, :])
-    dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))                          # [BLOCK, HEAD_DIM]
-    return dk, dv
+def _merge(o_pairs, lse_pairs, rows, n_tok, o_own=None, lse_own=None):
+    """Per token: lse = log sum_p exp(lse_p), o = sum_p exp(lse_p - lse) o_p over its pairs (rows:
+    the token of each pair, -1 = none), and its own block's (o_own, lse_own) where given.
+    The sums run in index order (`_sum_rows`), so the merge is reproducible."""
+    m = torch.full((n_tok,), float("-inf"), device=o_pairs.device) if lse_own is None else lse_own
+    m = m.scatter_reduce(0, rows.clamp(min=0), torch.where(rows >= 0, lse_pairs, float("-inf")),
+                         "amax")                                           # stabiliser, [n_tok]
+    w = torch.exp(lse_pairs - m[rows.clamp(min=0)]).masked_fill(rows < 0, 0.0)[:, None]
+    l = _sum_rows(w, rows, n_tok)[:, 0]
+    o = _sum_rows(w * o_pairs, rows, n_tok)
+    if o_own is not None:
+        w_own = torch.exp(lse_own - m)[:, None]
+        l, o = l + w_own[:, 0], o + w_own * o_own
+    return o / l[:, None], m + torch.log(l)
 
 
-@triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QIDX, QCNT, sm_scale, qk_scale, stride_z,
-                 stride_t, T, NQ, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
-                 HEAD_DIM: tl.constexpr):
-    j, z = tl.program_id(0), tl.program_id(1)                 # key block, batch*head
-    zo = z.to(tl.int64) * stride_z                          # 64-bit: B*H*T*D may pass 2^31
-    offs_n = j * BLOCK + tl.arange(0, BLOCK)
-    offs_r = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    Q, DO, LSE, DELTA = Q + zo, DO + zo, LSE + z * T, DELTA + z * T
-    QIDX = QIDX + (z * NQ + j) * NQ
-    k = tl.load(K + zo + offs_n[:, None] * stride_t + offs_d[None, :])   # [BLOCK, HEAD_DIM]
-    v = tl.load(V + zo + offs_n[:, None] * stride_t + offs_d[None, :])
-    if UPCAST:
-        k, v = k.to(tl.float32), v.to(tl.float32)
-    dk = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-    n = tl.load(QCNT + z * NQ + j)
-    if n > 0:                                # the first (smallest) query block is the diagonal
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, tl.load(QIDX), offs_n, offs_r,
-                            offs_d, stride_t, qk_scale, UPCAST, BLOCK, True)
-    for s in range(1, n):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, tl.load(QIDX + s), offs_n, offs_r,
-                            offs_d, stride_t, qk_scale, UPCAST, BLOCK, False)
-    out = zo + offs_n[:, None] * stride_t + offs_d[None, :]
-    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty))
-    tl.store(DV + out, dv.to(DV.dtype.element_ty))
+def _sum_rows(parts, index, n):
+    """out[i] = sum of parts[r] over the rows r with index[r] == i (index -1: dropped), added in
+    index order, so reproducibly: on CPU index_add_ adds the rows one after another; on CUDA it
+    would use atomics, and F.embedding's backward (a sort, then sums per index) is used instead."""
+    index = torch.where(index < 0, n, index)
+    if parts.is_cuda:
+        return torch.ops.aten.embedding_dense_backward(parts, index, n + 1, -1, False)[:n]
+    return parts.new_zeros(n + 1, parts.shape[1]).index_add_(0, index, parts)[:n]
 
 
-@triton.jit
-def _dq_step(dq, q, do, lse, delta, K, V, j, offs_m, offs_n, offs_d, stride_t, qk_scale,
-             UPCAST: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
-    """Add the contribution of key block j to dQ of this query block."""
-    offs_k = j * BLOCK + offs_n
-    kT = tl.load(K + offs_k[None, :] * stride_t + offs_d[:, None])       # [HEAD_DIM, BLOCK]
-    vT = tl.load(V + offs_k[None, :] * stride_t + offs_d[:, None])       # [HEAD_DIM, BLOCK]
-    if UPCAST:
-        kT, vT = kT.to(tl.float32), vT.to(tl.float32)
-    p = tl.exp2(tl.dot(q, kT) * qk_scale - lse[:, None])                  # [BLOCK, BLOCK]
-    if CAUSAL:
-        p = tl.where(offs_m[:, None] >= offs_k[None, :], p, 0.0)
-    ds = p * (tl.dot(do, vT) - delta[:, None])                            # [BLOCK, BLOCK]
-    return dq + tl.dot(ds.to(kT.dtype), tl.trans(kT))                     # [BLOCK, HEAD_DIM]
-
-
-@triton.jit
-def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, sm_scale, qk_scale, stride_z, stride_t,
-               T, NQ, KMAX, UPCAST: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    i, z = tl.program_id(0), tl.program_id(1)                 # query block, batch*head
-    zo = z.to(tl.int64) * stride_z                          # 64-bit: B*H*T*D may pass 2^31
-    offs_m = i * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    K, V, IDX = K + zo, V + zo, IDX + (z * NQ + i) * KMAX
-    tok = zo + offs_m[:, None] * stride_t + offs_d[None, :]
-    q, do = tl.load(Q + tok), tl.load(DO + tok)                           # [BLOCK, HEAD_DIM]
-    if UPCAST:
-        q, do = q.to(tl.float32), do.to(tl.float32)
-    lse, delta = tl.load(LSE + z * T + offs_m), tl.load(DELTA + z * T + offs_m)   # [BLOCK]
-    dq = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-    n = tl.load(CNT + z * NQ + i)
-    for s in range(0, n - 1):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, tl.load(IDX + s), offs_m, offs_n, offs_d,
-                      stride_t, qk_scale, UPCAST, BLOCK, False)
-    dq = _dq_step(dq, q, do, lse, delta, K, V, tl.load(IDX + n - 1), offs_m, offs_n, offs_d,
-                  stride_t, qk_scale, UPCAST, BLOCK, True)
-    tl.store(DQ + tok, (dq * sm_scale).to(DQ.dtype.element_ty))
-
-
-def _transpose_layout(block_idx, block_cnt):
-    """For each key block, the ascending list of query blocks that selected it, and their count:
-    qidx int32 [B*H, NQ, NQ] (padded with 0), qcnt int32 [B*H, NQ]. Built once per backward."""
-    NQ = block_idx.shape[1]
-    selT = _selected(block_idx, block_cnt).transpose(1, 2)               # [BH, key j, query i]
-    qi = torch.arange(NQ, device=block_idx.device)
-    qidx = torch.where(selT, qi, NQ).sort(dim=-1).values                 # selecting blocks first
-    qcnt = selT.sum(-1, dtype=torch.int32)
-    return qidx.masked_fill(qidx == NQ, 0).to(torch.int32).contiguous(), qcnt
-
-
-def _launch_cfg(block, head_dim, elem_bytes):
-    """num_warps / num_stages that fit H100 shared memory (checked by compiling for sm_90: bf16
-    at block 128 x D 128 needs 132 KB of the 227 KB; fp32 above 64 x 128 does not fit)."""
-    return dict(num_warps=4 if block * head_dim <= 64 * 128 else 8,
-                num_stages=2 if elem_bytes * block * head_dim <= 2 * 128 * 128 else 1)
-
-
-class _TritonBlockSparse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_cnt, block_size):
-        B, H, T, D = q.shape
-        NQ = T // block_size
-        q, k, v = (x.contiguous() for x in (q, k, v))
-        idx = block_idx.reshape(B * H, NQ, -1).to(torch.int32).contiguous()
-        cnt = block_cnt.reshape(B * H, NQ).to(torch.int32).contiguous()
-        o = torch.empty_like(q)
-        lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
-        sm_scale = D ** -0.5
-        _fwd_kernel[(NQ, B * H)](q, k, v, o, lse, idx, cnt, sm_scale * LOG2E,
-                                 T * D, D, T, NQ, idx.shape[-1], UPCAST=not q.is_cuda,
-                                 BLOCK=block_size, HEAD_DIM=D,
-                                 **_launch_cfg(block_size, D, q.element_size()))
-        ctx.save_for_backward(q, k, v, o, lse, idx, cnt)
-        ctx.block_size = block_size
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, idx, cnt = ctx.saved_tensors
-        B, H, T, D = q.shape
-        BS, NQ = ctx.block_size, T // ctx.block_size
-        do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1).reshape(B * H, T)         # rowsum(o * dO)
-        qidx, qcnt = _transpose_layout(idx, cnt)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        sm_scale = D ** -0.5
-        common = dict(UPCAST=not q.is_cuda, BLOCK=BS, HEAD_DIM=D,
-                      **_launch_cfg(BS, D, q.element_size()))
-        _dkdv_kernel[(NQ, B * H)](q, k, v, do, dk, dv, lse, delta, qidx, qcnt, sm_scale,
-                                  sm_scale * LOG2E, T * D, D, T, NQ, **common)
-        _dq_kernel[(NQ, B * H)](q, k, v, do, dq, lse, delta, idx, cnt, sm_scale,
-                                sm_scale * LOG2E, T * D, D, T, NQ, idx.shape[-1],
-                                **common)
-        return dq, dk, dv, None, None, None
+def _gather_rows(x, rows):
+    """x[rows] for rows of a [N, D] tensor, with zeros where rows is -1 (tile padding)."""
+    return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, torch.where(rows < 0, len(x), rows))
 
 
 # ------------------------------------------------------------------------------ torch path
-def _row_groups(block_idx, block_cnt):
-    """Query blocks grouped by the shape of their attention, so that no group needs padding.
-
-    Rows are query blocks flattened over (batch, head, block): r = (b*H + h)*NQ + i. A group holds
-    the rows with the same number of off-diagonal blocks n and the same has-diagonal flag d, and
-    their key blocks as rows of K viewed as [B*H*NQ, block*D]: `keys` [G, n + d], the diagonal
-    (row r itself) last. Returns a list of (rows [G], keys [G, n + d], has_diag)."""
-    B, H, NQ, KMAX = block_idx.shape
-    idx = block_idx.reshape(-1, KMAX).long()                                # [R, KMAX]
-    r = torch.arange(idx.shape[0], device=idx.device)
-    slot = torch.arange(KMAX, device=idx.device)
-    valid = (slot < block_cnt.reshape(-1, 1).long()) & (idx >= 0)
-    has_diag = (valid & (idx == (r % NQ)[:, None])).any(-1)
-    n_off = valid.sum(-1) - has_diag.long()     # ascending + causal: off-diagonal blocks first
-    kind = n_off * 2 + has_diag.long()
-    order = torch.argsort(kind, descending=True, stable=True)
-    kinds, sizes = torch.unique_consecutive(kind[order], return_counts=True)
-    groups = []
-    for rows, kd in zip(order.split(sizes.tolist()), kinds.tolist()):
-        n, d = kd // 2, bool(kd % 2)
-        keys = idx[rows, :n] + (rows // NQ * NQ)[:, None]                   # same (b, h) only
-        keys = torch.cat([keys, rows[:, None]], 1) if d else keys
-        if keys.shape[1]:                     # a row with nothing to attend to keeps o = 0
-            groups.append((rows, keys, d))
-    return groups
-
-
-def _chunks(groups, block_size, head_dim, chunk_elems, dtype):
-    """Split each group into chunks of rows whose gathered keys hold <= chunk_elems elements, each
-    with the additive mask it needs: none, or causal inside its last (diagonal) key block."""
-    widest = max((keys.shape[1] for _, keys, _ in groups), default=1) * block_size
-    device = groups[0][0].device if groups else None
-    # query t of a block sees every off-diagonal key and the diagonal keys <= t. Built once for
-    # the widest group; a narrower group uses its last columns (tiny ops are slow under load).
-    keep = torch.ones(block_size, widest, dtype=torch.bool, device=device).tril(widest - block_size)
-    causal = torch.zeros(block_size, widest, dtype=dtype, device=device).masked_fill_(
-        ~keep, float("-inf"))
-    for rows, keys, diag in groups:
-        width = keys.shape[1] * block_size                                  # keys per query row
-        step = max(1, chunk_elems // (width * head_dim))
-        mask = causal[:, widest - width:] if diag else None
-        for c0 in range(0, rows.shape[0], step):
-            yield rows[c0:c0 + step], keys[c0:c0 + step], mask
-
-
-# The fused CPU flash-attention kernels behind F.scaled_dot_product_attention. Called directly
-# because the forward returns the log-sum-exp the backward needs, and the backward returns dK/dV
-# per gathered key, which we add straight into dK/dV (autograd through the gathers would fill a
-# zero K-sized gradient per gather and then sum them).
+# The fused CPU flash-attention kernels behind F.scaled_dot_product_attention, called directly:
+# the forward returns the log-sum-exp the merge needs, and the backward, given the *merged* output
+# and log-sum-exp, rebuilds each pair's exact share p = exp(s - lse_token) (as MoBA's own
+# efficient path does with FlashAttention's varlen backward).
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-class _TorchBlockSparse(torch.autograd.Function):
-    """Each chunk of query blocks gathers its key/value blocks and runs the fused attention kernel
-    on them as a batch of small dense problems, [G, 1, block, D] queries against [G, 1, width, D]
-    keys: no score tensor in memory, no padding (rows are grouped by width), and one small mask
-    [block, width], shared by the batch, for the diagonal block. The gathered K/V are kept for the
-    backward (gathering is memory-bound, so doing it twice costs more than the flops); the backward
-    rebuilds p from the saved log-sum-exp (FlashAttention-2) and sums dK/dV back into the key
-    blocks in index order, so gradients are reproducible."""
-
+class _TorchPairs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_cnt, block_size, chunk_elems):
+    def forward(ctx, q, k, v, block_idx, block_cnt, block_size):
         B, H, T, D = q.shape
-        rows_of = lambda x: x.reshape(-1, block_size * D)   # noqa: E731  [B*H*NQ, block*D]
-        qf, kf, vf = rows_of(q), rows_of(k), rows_of(v)
-        o = torch.zeros_like(qf)
-        lse = torch.zeros(qf.shape[0], block_size, device=q.device,   # fp32, or fp64 if given
-                          dtype=torch.promote_types(q.dtype, torch.float32))
-        ctx.chunks = []
-        for rows, keys, mask in _chunks(_row_groups(block_idx, block_cnt), block_size, D,
-                                        chunk_elems, q.dtype):
-            G, W = keys.shape
-            flat = keys.reshape(-1)
-            ks, vs = (x.index_select(0, flat).view(G, 1, W * block_size, D) for x in (kf, vf))
-            out, lse_c = _flash_fwd(qf.index_select(0, rows).view(G, 1, block_size, D), ks, vs,
-                                    is_causal=False, attn_mask=mask)
-            o.index_copy_(0, rows, out.reshape(G, -1))
-            lse.index_copy_(0, rows, lse_c.reshape(G, -1))
-            ctx.chunks.append((rows, flat, ks, vs, mask))
-        ctx.save_for_backward(q, o, lse)
+        Z, NQ, KMAX = B * H, T // block_size, block_idx.shape[-1]
+        idx, cnt = block_idx.reshape(Z, T, KMAX), block_cnt.reshape(Z, T)
+        blocks = lambda x: x.reshape(Z * NQ, 1, block_size, D)   # noqa: E731  [Z*NQ, 1, bs, D]
+        qb, kb, vb = blocks(q), blocks(k), blocks(v)
+        o_own, lse_own = _flash_fwd(qb, kb, vb, is_causal=True)             # own blocks
+        tl_ = _pair_tiles(idx, cnt, NQ, CPU_TILE, own_block=False)          # earlier blocks
+        n_t = len(tl_.tkey)
+        qt = _gather_rows(q.reshape(Z * T, D), tl_.rows).view(n_t, 1, CPU_TILE, D)
+        kt, vt = kb.index_select(0, tl_.tkey), vb.index_select(0, tl_.tkey)   # [NT, 1, bs, D]
+        o_p, lse_p = _flash_fwd(qt, kt, vt) if n_t else (qt, qt.new_zeros(0, 1, CPU_TILE))
+        o, lse = _merge(o_p.reshape(-1, D), lse_p.reshape(-1).float(), tl_.rows, Z * T,
+                        o_own.reshape(-1, D), lse_own.reshape(-1).float())
+        o = o.to(q.dtype)
+        ctx.save_for_backward(qb, kb, vb, o, lse, qt, kt, vt, tl_.rows, tl_.tkey)
+        ctx.shape = q.shape
         return o.view(B, H, T, D)
 
     @staticmethod
     def backward(ctx, do):
-        q, o, lse = ctx.saved_tensors
-        E = o.shape[1]                                                      # block * D
-        qf, dof = q.reshape(-1, E), do.contiguous().reshape(-1, E)
-        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(qf), torch.zeros_like(qf)
-        for rows, flat, ks, vs, mask in ctx.chunks:
-            shape = (rows.shape[0], 1, lse.shape[1], q.shape[-1])          # [G, 1, block, D]
-            q_c, do_c, o_c = (x.index_select(0, rows).view(shape) for x in (qf, dof, o))
-            dq_c, dk_c, dv_c = _flash_bwd(do_c, q_c, ks, vs, o_c,
-                                          lse.index_select(0, rows).view(shape[:3]), 0.0, False,
-                                          attn_mask=mask)
-            dq.index_copy_(0, rows, dq_c.reshape(-1, E))
-            # A key block chosen by several query blocks sums their gradients. F.embedding's
-            # backward (the gradient of a row gather) does it in index order, so reproducibly,
-            # and on CPU faster than index_add_, which expands the index to every element.
-            for grad, part in ((dk, dk_c), (dv, dv_c)):
-                grad += torch.ops.aten.embedding_dense_backward(part.reshape(-1, E), flat,
-                                                                 qf.shape[0], -1, False)
-        return dq.view_as(q), dk.view_as(q), dv.view_as(q), None, None, None, None
+        qb, kb, vb, o, lse, qt, kt, vt, rows, tkey = ctx.saved_tensors
+        n_blk, _, bs, D = qb.shape
+        n_t = len(tkey)
+        do = do.contiguous().reshape(-1, D)
+        lse = lse.to(torch.promote_types(qb.dtype, torch.float32))
+        dq, dk, dv = _flash_bwd(do.view_as(qb), qb, kb, vb, o.view_as(qb),
+                                lse.view(n_blk, 1, bs), 0.0, True)
+        if n_t:
+            dq_t, dk_t, dv_t = _flash_bwd(_gather_rows(do, rows).view_as(qt), qt, kt, vt,
+                                          _gather_rows(o, rows).view_as(qt),
+                                          _gather_rows(lse[:, None], rows).view(n_t, 1, CPU_TILE),
+                                          0.0, False)           # pad rows: do = 0, no gradient
+            dq = dq + _sum_rows(dq_t.reshape(-1, D), rows, do.shape[0]).view_as(dq)
+            dk = dk + _sum_rows(dk_t.reshape(n_t, -1), tkey, n_blk).view_as(dk)
+            dv = dv + _sum_rows(dv_t.reshape(n_t, -1), tkey, n_blk).view_as(dv)
+        return dq.view(ctx.shape), dk.view(ctx.shape), dv.view(ctx.shape), None, None, None
 
 
-def attention_torch(q, k, v, block_idx, block_cnt, block_size, chunk_elems=1 << 25):
-    """Block-sparse attention in plain torch: time and memory scale with the budget, not with T^2.
+def attention_torch(q, k, v, block_idx, block_cnt, block_size):
+    """Token-level MoBA in plain torch (the CPU training path): every block attends to itself
+    causally in one fused call, the pair tiles of the earlier blocks in a second, then the merge.
+    Time and memory follow the selected pairs: gathered q/k/v tiles of about 3 x (budget - 1)
+    copies of q are kept for the backward. Differentiable in q, k, v."""
+    return _TorchPairs.apply(q.contiguous(), k.contiguous(), v.contiguous(), block_idx,
+                             block_cnt, block_size).view(q.shape)
 
-    Query blocks attending to the same number of blocks are batched together; each gathers only
-    its selected key/value blocks and runs the fused CPU attention kernel on them (see
-    _TorchBlockSparse). Each call of the kernel gets a chunk of <= `chunk_elems` gathered key
-    elements; the gathered K/V themselves, 2 * B*H*T*budget*D elements, are kept for the backward,
-    as autograd would keep them. This is the CPU training path; differentiable in q, k, v."""
-    return _TorchBlockSparse.apply(q.contiguous(), k.contiguous(), v.contiguous(), block_idx,
-                                   block_cnt, block_size, chunk_elems)
+
+# ------------------------------------------------------------------------------ Triton kernels
+# Triton is imported here, on first use, so the rest of the project runs where it is not installed.
+# q, k, v, do are contiguous [Z*T, D] (Z = batch*heads): token row r at r*D. A key block g = z*NQ+j
+# is rows g*BLOCK .. g*BLOCK + BLOCK-1. lse (log2 units) and delta are fp32 [Z*T].
+# UPCAST (CPU interpreter): compute in fp32 right after each load, as bf16 math is wrong there.
+_KERNELS = None
+
+
+def _triton_kernels():
+    global _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pair_fwd(Q, K, V, O, LSE, ROWS, TKEY, qk_scale, T, NQ, UPCAST: tl.constexpr,
+                 TILE_M: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """One tile: TILE_M tokens that chose key block g -> partial o and lse per token."""
+        tile = tl.program_id(0)
+        g = tl.load(TKEY + tile)                                   # key block z*NQ + j
+        offs_m = tl.arange(0, TILE_M)
+        offs_n = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        rows = tl.load(ROWS + tile * TILE_M + offs_m)              # [TILE_M] token rows, -1 pad
+        valid = rows >= 0
+        qpos = tl.where(valid, rows % T, T)                        # pad rows: nothing masked
+        q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.)
+        keys = g.to(tl.int64) * BLOCK + offs_n                     # [BLOCK] key rows
+        kT = tl.load(K + keys[None, :] * HEAD_DIM + offs_d[:, None])   # [HEAD_DIM, BLOCK]
+        v = tl.load(V + keys[:, None] * HEAD_DIM + offs_d[None, :])    # [BLOCK, HEAD_DIM]
+        if UPCAST:
+            q, kT, v = q.to(tl.float32), kT.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, kT) * qk_scale                               # [TILE_M, BLOCK], log2 units
+        kpos = (g % NQ) * BLOCK + offs_n
+        s = tl.where(kpos[None, :] <= qpos[:, None], s, float("-inf"))   # bites on own block only
+        m = tl.max(s, 1)
+        p = tl.exp2(s - m[:, None])
+        l = tl.sum(p, 1)
+        o = tl.dot(p.to(v.dtype), v) / l[:, None]                  # [TILE_M, HEAD_DIM]
+        out = tile * TILE_M + offs_m
+        tl.store(O + out[:, None] * HEAD_DIM + offs_d[None, :], o)
+        tl.store(LSE + out, m + tl.log2(l))
+
+    @triton.jit
+    def pair_bwd(Q, K, V, DO, DK, DV, DQP, LSE, DELTA, ROWS, TSTART, sm_scale, qk_scale, T, NQ,
+                 UPCAST: tl.constexpr, TILE_M: tl.constexpr, BLOCK: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+        """One key block g: dK, dV summed over its tiles (owned here: no atomics); each pair's
+        dQ to its own row of DQP (summed per token afterwards)."""
+        g = tl.program_id(0)
+        offs_m = tl.arange(0, TILE_M)
+        offs_n = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        keys = g.to(tl.int64) * BLOCK + offs_n
+        k = tl.load(K + keys[:, None] * HEAD_DIM + offs_d[None, :])    # [BLOCK, HEAD_DIM]
+        v = tl.load(V + keys[:, None] * HEAD_DIM + offs_d[None, :])
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        kpos = (g % NQ) * BLOCK + offs_n
+        dk = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+        for tile in range(tl.load(TSTART + g), tl.load(TSTART + g + 1)):
+            rows = tl.load(ROWS + tile * TILE_M + offs_m)
+            valid = rows >= 0
+            qpos = tl.where(valid, rows % T, T)
+            tok = rows[:, None] * HEAD_DIM + offs_d[None, :]
+            q = tl.load(Q + tok, mask=valid[:, None], other=0.)           # [TILE_M, HEAD_DIM]
+            do = tl.load(DO + tok, mask=valid[:, None], other=0.)         # pad rows: do = 0
+            if UPCAST:
+                q, do = q.to(tl.float32), do.to(tl.float32)
+            lse = tl.load(LSE + rows, mask=valid, other=0.)
+            delta = tl.load(DELTA + rows, mask=valid, other=0.)
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # [TILE_M, BLOCK]
+            p = tl.where(kpos[None, :] <= qpos[:, None], p, 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)                     # [BLOCK, HEAD_DIM]
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])            # [TILE_M, BLOCK]
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dq = tl.dot(ds.to(k.dtype), k) * sm_scale                      # [TILE_M, HEAD_DIM]
+            out = tile * TILE_M + offs_m
+            tl.store(DQP + out[:, None] * HEAD_DIM + offs_d[None, :], dq)
+        tl.store(DK + keys[:, None] * HEAD_DIM + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty))
+        tl.store(DV + keys[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty))
+
+    _KERNELS = (pair_fwd, pair_bwd)
+    return _KERNELS
+
+
+def _launch_cfg(block, head_dim, elem_bytes):
+    """num_warps / num_stages that fit H100/H200 shared memory for a [64 x block] tile."""
+    return dict(num_warps=4 if block * head_dim <= 64 * 128 else 8,
+                num_stages=2 if elem_bytes * block * head_dim <= 2 * 128 * 128 else 1)
+
+
+class _TritonPairs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, block_cnt, block_size):
+        pair_fwd, _ = _triton_kernels()
+        B, H, T, D = q.shape
+        Z, NQ, KMAX = B * H, T // block_size, block_idx.shape[-1]
+        tile = TILE if q.is_cuda else 16
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        tl_ = _pair_tiles(block_idx.reshape(Z, T, KMAX), block_cnt.reshape(Z, T), NQ, tile, True)
+        n_t = len(tl_.tkey)
+        o_p = torch.empty(n_t * tile, D, device=q.device, dtype=torch.float32)
+        lse_p = torch.empty(n_t * tile, device=q.device, dtype=torch.float32)
+        pair_fwd[(n_t,)](q, k, v, o_p, lse_p, tl_.rows, tl_.tkey, D ** -0.5 * LOG2E, T, NQ,
+                         UPCAST=not q.is_cuda, TILE_M=tile, BLOCK=block_size, HEAD_DIM=D,
+                         **_launch_cfg(block_size, D, q.element_size()))
+        o, lse = _merge(o_p, lse_p / LOG2E, tl_.rows, Z * T)
+        o = o.to(q.dtype)
+        ctx.save_for_backward(q, k, v, o, lse, tl_.rows, tl_.tstart)
+        ctx.shape = (B, H, T, D, block_size, tile)
+        return o.view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, do):
+        _, pair_bwd = _triton_kernels()
+        q, k, v, o, lse, rows, tstart = ctx.saved_tensors
+        B, H, T, D, block_size, tile = ctx.shape
+        do = do.contiguous()
+        delta = (o.float() * do.float().reshape(-1, D)).sum(-1)               # rowsum(o * dO)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dq_p = torch.empty(len(rows), D, device=q.device, dtype=torch.float32)
+        pair_bwd[(B * H * (T // block_size),)](
+            q, k, v, do, dk, dv, dq_p, lse * LOG2E, delta, rows, tstart, D ** -0.5,
+            D ** -0.5 * LOG2E, T, T // block_size, UPCAST=not q.is_cuda, TILE_M=tile,
+            BLOCK=block_size, HEAD_DIM=D, **_launch_cfg(block_size, D, q.element_size()))
+        dq = _sum_rows(dq_p, rows, B * H * T).to(q.dtype).view_as(q)
+        return dq, dk, dv, None, None, None
 
 
 # ------------------------------------------------------------------------------ dispatch
-def block_sparse_attention(q, k, v, block_idx, block_cnt, block_size, impl="auto"):
-    """Attention of every query block to its selected key blocks (causal inside the diagonal one).
-
-    q, k, v [B, H, T, D]; block_idx int [B, H, NQ, KMAX] ascending, -1 padded, block_cnt int
-    [B, H, NQ], as returned by `select_blocks`. Softmax scale 1/sqrt(D). `impl`: "triton" (CUDA, or
-    CPU under TRITON_INTERPRET=1), "torch", "reference", or "auto" (triton on CUDA, else torch).
-    Returns o with the shape and dtype of q; differentiable in every impl."""
-    B, H, T, D = _check_qkv(q, k, v, block_size)
+def check_layout(block_idx, block_cnt, B, H, T, block_size):
+    """Raise ValueError unless (block_idx, block_cnt) is a layout `select_blocks` could return:
+    shapes [B, H, T, KMAX] / [B, H, T], integer, 1 <= count <= KMAX, the counted entries strictly
+    ascending (no duplicates), >= 0, ending with the token's own block (nothing in the future)."""
     NQ = T // block_size
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if (block_idx.dim() != 4 or tuple(block_idx.shape[:3]) != (B, H, NQ)
-            or tuple(block_cnt.shape) != (B, H, NQ)):
-        raise ValueError(f"block_idx must be [B, H, NQ, KMAX] and block_cnt [B, H, NQ] with "
-                         f"NQ=T//block_size={NQ}; got {tuple(block_idx.shape)} and "
-                         f"{tuple(block_cnt.shape)} (use select_blocks with the same block_size)")
+    if (block_idx.dim() != 4 or tuple(block_idx.shape[:3]) != (B, H, T)
+            or tuple(block_cnt.shape) != (B, H, T)):
+        raise ValueError(f"block_idx must be [B, H, T, KMAX] and block_cnt [B, H, T] for q of "
+                         f"shape [{B}, {H}, {T}, D]; got {tuple(block_idx.shape)} and "
+                         f"{tuple(block_cnt.shape)} (use select_blocks with the same inputs)")
     if block_idx.dtype.is_floating_point or block_cnt.dtype.is_floating_point:
         raise ValueError("block_idx and block_cnt must be integer tensors (as from select_blocks)")
+    KMAX = block_idx.shape[-1]
+    cnt = block_cnt.long()
+    if KMAX == 0 or int(cnt.min()) < 1 or int(cnt.max()) > KMAX:
+        raise ValueError(f"every block_cnt must be in [1, KMAX={KMAX}] (the own block counts); "
+                         f"got {int(cnt.min())}..{int(cnt.max())}")
+    idx = block_idx.long()
+    on = torch.arange(KMAX, device=idx.device) < cnt[..., None]
+    own = torch.arange(T, device=idx.device) // block_size
+    last = idx.gather(-1, cnt[..., None] - 1)[..., 0]
+    ascending = ((idx[..., 1:] > idx[..., :-1]) | ~on[..., 1:]).all()
+    if not (ascending and (~on | (idx >= 0)).all() and (last == own).all()):
+        raise ValueError(f"each token's counted block_idx entries must be distinct block indices "
+                         f"in [0, {NQ}), ascending, the last one its own block t // block_size "
+                         "(no later block): build layouts with select_blocks")
+
+
+def block_sparse_attention(q, k, v, block_idx, block_cnt, block_size, impl="auto", validate=True):
+    """Attention of every token to the key blocks its layout lists (causal inside its own block).
+
+    q, k, v [B, H, T, D]; block_idx int [B, H, T, KMAX], block_cnt int [B, H, T], as returned by
+    `select_blocks`. Softmax scale 1/sqrt(D). `impl`: "triton" (CUDA, or CPU under
+    TRITON_INTERPRET=1), "torch" (CPU), "reference" (the naive twin), or "auto" (triton on CUDA,
+    else torch). `validate=False` skips the layout check (the model passes the gate's own layout).
+    Returns o with the shape and dtype of q; differentiable in every impl."""
+    B, H, T, D = _check_qkv(q, k, v, block_size)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if validate:
+        check_layout(block_idx, block_cnt, B, H, T, block_size)
     if impl == "auto":
         impl = "triton" if q.is_cuda else "torch"
     if impl == "reference":
@@ -551,7 +550,7 @@ def block_sparse_attention(q, k, v, block_idx, block_cnt, block_size, impl="auto
     if impl == "torch":
         if q.is_cuda:
             raise ValueError("impl='torch' is the CPU path (it runs PyTorch's CPU flash kernel on "
-                             "the gathered blocks); on CUDA use impl='triton' or 'auto'")
+                             "the gathered tiles); on CUDA use impl='triton' or 'auto'")
         return attention_torch(q, k, v, block_idx, block_cnt, block_size)
     if q.is_cuda and q.element_size() * block_size * D > 4 * 64 * 128:
         raise ValueError("fp32 Triton on CUDA fits shared memory only for block_size * head_dim "
@@ -559,24 +558,59 @@ def block_sparse_attention(q, k, v, block_idx, block_cnt, block_size, impl="auto
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("impl='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
                          "triton is imported; on CPU use impl='torch'")
-    return _TritonBlockSparse.apply(q, k, v, block_idx, block_cnt, block_size)
+    return _TritonPairs.apply(q, k, v, block_idx, block_cnt, block_size)
 
 
-def sparse_attention(q, k, v, topk, cu_seqlens=None, block_size=64, impl="auto"):
-    """Select blocks with the MoBA gate, then attend: `select_blocks` + `block_sparse_attention`."""
+def sparse_attention(q, k, v, topk, cu_seqlens=None, block_size=64, impl="auto", k0=None, p=None):
+    """Select with the MoBA gate, then attend: `select_blocks` + `block_sparse_attention`."""
     _check_qkv(q, k, v, block_size)
-    block_idx, block_cnt = select_blocks(q, k, topk, cu_seqlens, block_size)
-    return block_sparse_attention(q, k, v, block_idx, block_cnt, block_size, impl)
+    sel = select_blocks(q, k, topk, cu_seqlens, block_size, k0=k0, p=p)
+    return block_sparse_attention(q, k, v, sel.block_idx, sel.block_cnt, block_size, impl,
+                                  validate=False)
+
+
+# ------------------------------------------------------------------------------ decoding
+def decode_attention(q, k, v, k_means, pos, topk, block_size):
+    """Sparse decoding with the same gate: queries at absolute positions pos .. pos+n-1 of one
+    sequence per row attend, through a KV cache, to what a full forward would let them see.
+
+    q [B, H, n, D]; k, v [B, H, L, D] the cache, written up to pos + n; k_means [B, H, NB, D] the
+    mean key of every complete block (the cache keeps them). Token a, in block i = a // block_size,
+    scores the complete blocks j < i, keeps the `topk - 1` best (ties to the lower j) and its own,
+    partial block up to a. topk: int or LongTensor [B]. Cost follows the budget, not the length."""
+    B, H, n, D = q.shape
+    a = pos + torch.arange(n, device=q.device)                             # [n] positions
+    i = a // block_size
+    budget = _budgets(topk, B, q.device)
+    nb = int(i.max())                                                      # blocks j < i needed
+    keep = max(0, min(int(budget.max()) - 1, nb))
+    blocks = i[None, None, :, None].expand(B, H, n, 1)                     # own block
+    if keep:
+        s = q.float() @ k_means[:, :, :nb].float().transpose(-1, -2)     # [B, H, n, nb]
+        s = s.masked_fill(torch.arange(nb, device=q.device) >= i[:, None], float("-inf"))
+        top = s.sort(dim=-1, descending=True, stable=True).indices[..., :keep]
+        cnt = torch.minimum(budget[:, None] - 1, i[None])[:, None, :, None]    # [B, 1, n, 1]
+        top = torch.where(torch.arange(keep, device=q.device) < cnt, top, -1)
+        blocks = torch.cat([top, blocks], -1)                              # [B, H, n, keep+1]
+    keys = blocks[..., None] * block_size + torch.arange(block_size, device=q.device)
+    ok = (blocks[..., None] >= 0) & (keys <= a[:, None, None])             # [B, H, n, W, bs]
+    keys = keys.clamp(min=0).flatten(-2)                                   # [B, H, n, W*bs]
+    gather = lambda x: x.gather(2, keys.flatten(2)[..., None].expand(-1, -1, -1, D)  # noqa: E731
+                                ).view(B, H, n, -1, D)
+    K, V = gather(k), gather(v)                                            # [B, H, n, W*bs, D]
+    s = (q.float()[..., None, :] @ K.float().transpose(-1, -2)).squeeze(-2) / math.sqrt(D)
+    w = torch.softmax(s.masked_fill(~ok.flatten(-2), float("-inf")), dim=-1)
+    return (w[..., None, :] @ V.float()).squeeze(-2).to(q.dtype)          # [B, H, n, D]
 
 
 # ------------------------------------------------------------------------------ benchmark, check
-def _budget_for_density(nq, density):
-    """Smallest budget whose attended block pairs reach `density` of the causal block pairs."""
+def budget_for_density(nq, density):
+    """Smallest budget whose attended (token, block) pairs reach `density` of dense causal's."""
     pairs = lambda kb: kb * nq - kb * (kb - 1) // 2                         # noqa: E731
     return next(kb for kb in range(1, nq + 1) if pairs(kb) >= density * pairs(nq))
 
 
-def _timed(fns, reps, cuda):
+def timed(fns, reps, cuda=False):
     """Best-of-`reps` milliseconds of each function, calling them in turn so that they share the
     same machine load (noise on a shared machine only adds time); on CUDA after one warm-up call
     each, which also compiles the kernels."""
@@ -605,16 +639,35 @@ def _fwd_bwd(attend, q, k, v, g):
     return run
 
 
-def bench(lengths, heads, dim, block, reps):
-    """Print fwd and fwd+bwd ms of block-sparse attention at several densities next to dense
-    causal SDPA (flash backend on CUDA), timed in turn with each row. CUDA: Triton in bf16; CPU:
-    the torch path in fp32. TFLOP/s counts attended (causal) pairs, fwd+bwd = 3.5x fwd."""
+def _union_over_pairs(sel, block_size):
+    """Key blocks a query-block-major design visits (the union of each block's 64 tokens'
+    choices) over the pair tiles this design runs, for the same layout."""
+    idx, cnt = sel.block_idx.cpu(), sel.block_cnt.cpu()
+    B, H, T, KMAX = idx.shape
+    NQ = T // block_size
+    on = torch.arange(KMAX) < cnt[..., None].long()
+    hit = torch.zeros(B, H, NQ, NQ + 1, dtype=torch.bool)
+    qblk = (torch.arange(T) // block_size)[None, None, :, None].expand_as(idx)
+    flat = torch.where(on, idx.long(), NQ) + qblk * (NQ + 1)
+    hit.view(B, H, -1).scatter_(-1, flat.flatten(2), True)
+    union = int(hit[..., :NQ].sum())
+    tiles = len(_pair_tiles(idx.reshape(B * H, T, KMAX), cnt.reshape(B * H, T), NQ, TILE,
+                            True).tkey)
+    return union / tiles
+
+
+def bench(lengths, heads, dim, block, reps, densities=(1, 1 / 2, 1 / 4, 1 / 8, 1 / 16)):
+    """Print gate ms, forward ms, forward+backward ms of token-level MoBA at several densities
+    next to dense causal SDPA (flash backend on CUDA), timed in turn with each row; on CUDA also
+    FlexAttention with the same mask, checked equal before it is timed, and peak memory."""
     cuda = torch.cuda.is_available()
     dev, dtype, impl = ("cuda", torch.bfloat16, "triton") if cuda else ("cpu", torch.float32,
                                                                          "torch")
-    print(f"device={dev} impl={impl} dtype={str(dtype)[6:]} B=1 H={heads} D={dim} block={block}")
-    print(f"{'T':>6} {'density':>8} {'budget':>6} {'select ms':>9} {'fwd ms':>9} "
-          f"{'fwd+bwd ms':>10} {'SDPA f+b ms':>11} {'speedup':>7}" + (" TFLOP/s" if cuda else ""))
+    print(f"device={dev} impl={impl} dtype={str(dtype)[6:]} B=1 H={heads} D={dim} block={block} "
+          f"threads={torch.get_num_threads()}")
+    head = (f"{'T':>6} {'density':>7} {'budget':>6} {'gate ms':>8} {'fwd ms':>8} "
+            f"{'fwd+bwd ms':>10} {'SDPA f+b':>9} {'speedup':>7} {'union/pairs':>11}")
+    print(head + (f" {'flex f+b':>8} {'vs flex':>7} {'peak GB':>7} {'SDPA GB':>7}" if cuda else ""))
 
     def sdpa(a, b, c):
         if not cuda:
@@ -623,37 +676,71 @@ def bench(lengths, heads, dim, block, reps):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(a, b, c, is_causal=True)
 
+    def peak(fn):
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**30
+
     for T in lengths:
         nq = T // block
         q, k, v, g = (torch.randn(1, heads, T, dim, device=dev, dtype=dtype) for _ in range(4))
         q, k, v = (x.requires_grad_() for x in (q, k, v))
-        for density in (1, 1 / 2, 1 / 4, 1 / 8):
+        for density in densities:
             try:                                             # one failure must not end the table
-                kb = _budget_for_density(nq, density)
-                idx, cnt = select_blocks(q, k, kb, None, block)
+                kb = budget_for_density(nq, density)
+                sel = select_blocks(q, k, kb, None, block)
 
                 def attend(a, b, c):
-                    return block_sparse_attention(a, b, c, idx, cnt, block, impl)
+                    # the gate runs inside every timed call: its cost is part of the speedup
+                    s = select_blocks(a, b, kb, None, block)
+                    return block_sparse_attention(a, b, c, s.block_idx, s.block_cnt, block, impl,
+                                                  validate=False)
                 with torch.no_grad():
-                    sel, fwd = _timed([lambda: select_blocks(q, k, kb, None, block),
+                    gate, fwd = timed([lambda: select_blocks(q, k, kb, None, block),
                                        lambda: attend(q, k, v)], reps, cuda)
-                fb, dense = _timed([_fwd_bwd(attend, q, k, v, g), _fwd_bwd(sdpa, q, k, v, g)],
-                                   reps, cuda)
-                pairs = int(cnt.sum()) // heads                          # attended block pairs
-                tokens = (pairs - nq) * block * block + nq * block * (block + 1) // 2
-                flops = 3.5 * 4 * dim * tokens * heads                   # fwd 2 matmuls, bwd 5
-                line = (f"{T:>6} {pairs / (nq * (nq + 1) / 2):>8.3f} {kb:>6} {sel:>9.2f} "
-                        f"{fwd:>9.2f} {fb:>10.2f} {dense:>11.2f} {dense / fb:>6.2f}x")
-                print(line + (f" {flops / fb / 1e9:>7.1f}" if cuda else ""), flush=True)
+                fb, dense = timed([_fwd_bwd(attend, q, k, v, g), _fwd_bwd(sdpa, q, k, v, g)],
+                                  reps, cuda)
+                pairs = int(sel.block_cnt.sum()) / (heads * T)               # blocks per token
+                line = (f"{T:>6} {pairs / ((nq + 1) / 2):>7.3f} {kb:>6} {gate:>8.2f} {fwd:>8.2f} "
+                        f"{fb:>10.2f} {dense:>9.2f} {dense / fb:>6.2f}x "
+                        f"{_union_over_pairs(sel, block):>11.2f}")
+                if cuda:
+                    flex = _flex(sel, block)
+                    want = attend(q, k, v)
+                    err = float((flex(q, k, v).float() - want.float()).abs().max())
+                    if err > 2e-2:
+                        raise RuntimeError(f"FlexAttention disagrees with the kernel: {err:.2e}")
+                    ffb, = timed([_fwd_bwd(flex, q, k, v, g)], reps, cuda)
+                    line += (f" {ffb:>8.2f} {ffb / fb:>6.2f}x {peak(_fwd_bwd(attend, q, k, v, g)):>7.2f}"
+                             f" {peak(_fwd_bwd(sdpa, q, k, v, g)):>7.2f}")
+                print(line, flush=True)
             except Exception as e:
                 print(f"{T:>6} density {density:.3f} failed: {type(e).__name__}: {str(e)[:200]}",
                       flush=True)
 
 
-def _grads(impl, x, idx, cnt, bs, dtype):
+def _flex(sel, block):
+    """FlexAttention with the same token-level mask: a mask_mod reading the selection (a dense
+    [T, NQ] bool per head) and a BlockMask of the union, compiled: the peer a user would pick."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    B, H, T, KMAX = sel.block_idx.shape
+    NQ = T // block
+    chosen = torch.zeros(B, H, T, NQ + 1, dtype=torch.bool, device=sel.block_idx.device)
+    on = torch.arange(KMAX, device=chosen.device) < sel.block_cnt[..., None]
+    chosen.scatter_(-1, torch.where(on, sel.block_idx.long(), NQ), True)
+
+    def mask_mod(b, h, qi, ki):
+        return chosen[b, h, qi, ki // block] & (ki <= qi)
+    bm = create_block_mask(mask_mod, B, H, T, T, device=chosen.device, BLOCK_SIZE=block)
+    compiled = torch.compile(flex_attention)
+    return lambda a, b, c: compiled(a, b, c, block_mask=bm)
+
+
+def _grads(impl, x, sel, bs, dtype):
     """Output and dq, dk, dv of one impl, inputs cast to dtype; x = [q, k, v, do]."""
     q, k, v = (t.detach().to(dtype).clone().requires_grad_() for t in x[:3])
-    o = block_sparse_attention(q, k, v, idx, cnt, bs, impl)
+    o = block_sparse_attention(q, k, v, sel.block_idx, sel.block_cnt, bs, impl)
     o.backward(x[3].to(dtype))
     return [o.detach(), q.grad, k.grad, v.grad]
 
@@ -667,8 +754,8 @@ CHECK_CASES = [  # B, H, T, D, block, cu_seqlens, topk
 
 
 def check(cases=CHECK_CASES, device="cuda"):
-    """CUDA: the Triton kernels against the fp32 reference in bf16 and fp16 (outputs and grads,
-    errors relative to the reference's max / mean magnitude), and bitwise-equal reruns."""
+    """The Triton kernels against the naive twin (fp32) in bf16 and fp16: outputs and grads,
+    errors relative to the twin's max / mean magnitude, and bitwise-equal reruns."""
     tols = {torch.bfloat16: (3e-2, 1e-2), torch.float16: (5e-3, 2e-3)}   # relative max, mean
     failures = 0
     for dtype, (tol_max, tol_mean) in tols.items():
@@ -678,10 +765,10 @@ def check(cases=CHECK_CASES, device="cuda"):
             try:
                 x = [torch.randn(B, H, T, D, device=device).to(dtype) for _ in range(4)]
                 cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
-                idx, cnt = select_blocks(x[0], x[1], topk, cu_t, bs)
-                got = _grads("triton", x, idx, cnt, bs, dtype)
-                want = _grads("reference", x, idx, cnt, bs, torch.float32)
-                rerun = _grads("triton", x, idx, cnt, bs, dtype)
+                sel = select_blocks(x[0], x[1], topk, cu_t, bs)
+                got = _grads("triton", x, sel, bs, dtype)
+                want = _grads("reference", x, sel, bs, torch.float32)
+                rerun = _grads("triton", x, sel, bs, dtype)
                 same = all(torch.equal(a, b) for a, b in zip(got, rerun))
                 ok, errs = same, []
                 for n, a, b in zip(("o", "dq", "dk", "dv"), got, want):
@@ -699,17 +786,19 @@ def check(cases=CHECK_CASES, device="cuda"):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Block-sparse attention: speed table (--bench, "
+    ap = argparse.ArgumentParser(description="Token-level MoBA attention: speed table (--bench, "
                                  "the default) and, on CUDA, Triton correctness in bf16/fp16 "
                                  "(--check).")
     ap.add_argument("--bench", action="store_true", help="print the speed table (default action)")
     ap.add_argument("--check", action="store_true",
-                    help="CUDA only: kernels vs reference in bf16/fp16; exit 1 on failure")
+                    help="CUDA only: kernels vs the naive twin in bf16/fp16; exit 1 on failure")
     ap.add_argument("--lengths", type=int, nargs="+",
-                    help="sequence lengths (default: CPU 2048 8192, CUDA 8192 32768)")
+                    help="sequence lengths (default: CPU 4096 8192, CUDA 4096 8192 16384 32768)")
     ap.add_argument("--heads", type=int, help="heads (default: CPU 4, CUDA 16)")
     ap.add_argument("--dim", type=int, help="head dim (default: CPU 64, CUDA 128)")
     ap.add_argument("--block", type=int, default=64, help="block size (default 64)")
+    ap.add_argument("--densities", type=float, nargs="+", default=[1, 1 / 2, 1 / 4, 1 / 8, 1 / 16],
+                    help="shares of dense causal's (token, block) pairs (default 1 1/2 1/4 1/8 1/16)")
     ap.add_argument("--reps", type=int,
                     help="timed repetitions per number, best reported (default: CPU 2, CUDA 10)")
     args = ap.parse_args()
@@ -723,6 +812,6 @@ if __name__ == "__main__":
         if n_fail:
             sys.exit(1)
     if args.bench or not args.check:
-        bench(args.lengths or ([8192, 32768] if cuda else [2048, 8192]),
+        bench(args.lengths or ([4096, 8192, 16384, 32768] if cuda else [4096, 8192]),
               args.heads or (16 if cuda else 4), args.dim or (128 if cuda else 64), args.block,
-              args.reps or (10 if cuda else 2))
+              args.reps or (10 if cuda else 2), args.densities)

@@ -1,7 +1,9 @@
-"""Tests for attention.py: the gate, coverage, and three attention impls checked against each other,
-against a dense-mask reference and against torch's own causal attention. Triton runs under
+"""Tests for attention.py: the token-level MoBA gate against a brute-force gate, the naive twin
+against MoBA's own reference (tests/fixtures), every implementation against the twin, causality,
+coverage and the budget floor, sparse decoding, reruns, bad input. Triton runs under
 TRITON_INTERPRET=1 on CPU (set in conftest.py), so its shapes are tiny."""
 import math
+import os
 
 import pytest
 import torch
@@ -9,7 +11,10 @@ import torch.nn.functional as F
 
 import attention as A
 
-# (B, H, T, D, block, cu_seqlens): several documents per row, single-block documents, B, H > 1
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "moba_naive_cases.pt")
+
+# (B, H, T, D, block, cu_seqlens): several documents of different lengths per row, single-block
+# documents, B and H > 1
 LAYOUTS = {
     "one_doc": (1, 2, 64, 16, 16, None),
     "multi_doc": (2, 2, 128, 16, 16, [0, 16, 64, 112, 128, 160, 176, 256]),
@@ -30,10 +35,14 @@ def _n_seq(B, cu):
     return B if cu is None else len(cu) - 1
 
 
-def _run(impl, q, k, v, do, idx, cnt, bs):
+def _budget(topk, S):
+    return torch.arange(S) % 3 + 1 if topk == "per_seq" else topk
+
+
+def _run(impl, q, k, v, do, sel, bs):
     """Output and dq, dk, dv of one impl for the upstream gradient do."""
     q, k, v = [x.clone().requires_grad_() for x in (q, k, v)]
-    o = A.block_sparse_attention(q, k, v, idx, cnt, bs, impl=impl)
+    o = A.block_sparse_attention(q, k, v, sel.block_idx, sel.block_cnt, bs, impl=impl)
     o.backward(do)
     return [o.detach(), q.grad, k.grad, v.grad]
 
@@ -44,99 +53,138 @@ def _close(got, want, max_tol, mean_tol):
         assert err.max() <= max_tol and err.mean() <= mean_tol, (name, err.max(), err.mean())
 
 
-def _brute_select(q, k, budget_of_block, first, bs):
-    """Independent gate: loops over query blocks, Python sort with the same tie-break."""
-    B, H, T, D = q.shape
-    NQ = T // bs
-    qm = q.reshape(B, H, NQ, bs, D).double().mean(3)
-    km = k.reshape(B, H, NQ, bs, D).double().mean(3)
+def _docs(B, T, cu, bs):
+    """Per row and block: (first block of its document, sequence id), from the plain offsets."""
+    NQ, cu = T // bs, cu or [r * T for r in range(B + 1)]
     out = {}
-    for b in range(B):
-        for h in range(H):
-            for i in range(NQ):
-                cand = list(range(first[b][i], i))
-                cand.sort(key=lambda j: (-float(qm[b, h, i] @ km[b, h, j]), j))
-                out[b, h, i] = sorted(cand[:budget_of_block[b][i] - 1] + [i])
+    for s, (a, b) in enumerate(zip(cu, cu[1:])):
+        for g in range(a // bs, b // bs):
+            out[g // NQ, g % NQ] = (a // bs - g // NQ * NQ, s)
     return out
 
 
-# ------------------------------------------------------------------------------ selection
+def _brute_select(q, k, budgets, cu, bs):
+    """Independent gate: a Python loop over tokens, scores in float64, sorted by (-score, j)."""
+    B, H, T, D = q.shape
+    km = k.double().reshape(B, H, T // bs, bs, D).mean(3)
+    docs, out = _docs(B, T, cu, bs), {}
+    for b in range(B):
+        for t in range(T):
+            i = t // bs
+            first, s = docs[b, i]
+            for h in range(H):
+                cand = sorted(range(first, i), key=lambda j: (-float(q[b, h, t].double() @ km[b, h, j]), j))
+                out[b, h, t] = sorted(cand[:budgets[s] - 1] + [i])
+    return out
+
+
+# ------------------------------------------------------------------------------ the gate
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("topk", [1, 2, 3, 100, "per_seq"])
-def test_select_blocks_matches_brute_force_and_invariants(name, topk):
+def test_select_blocks_matches_brute_force(name, topk):
     B, H, T, D, bs, cu = LAYOUTS[name]
     q, k, _, _ = _inputs(B, H, T, D, seed=1)
-    S, NQ = _n_seq(B, cu), T // bs
-    if topk == "per_seq":
-        topk = torch.arange(S) % 3 + 1
-    idx, cnt = A.select_blocks(q, k, topk, _cu(cu), bs)
+    S = _n_seq(B, cu)
+    topk = _budget(topk, S)
+    sel = A.select_blocks(q, k, topk, _cu(cu), bs)
     budgets = topk.tolist() if torch.is_tensor(topk) else [topk] * S
-    starts = [c // bs for c in (cu or [r * T for r in range(B + 1)])]
-    seq_of = lambda g: max(s for s in range(S) if starts[s] <= g)            # noqa: E731
-    first = [[starts[seq_of(b * NQ + i)] - b * NQ for i in range(NQ)] for b in range(B)]
-    budget = [[budgets[seq_of(b * NQ + i)] for i in range(NQ)] for b in range(B)]
-    assert idx.dtype == cnt.dtype == torch.int32
-    assert idx.shape == (B, H, NQ, min(max(budgets), NQ)) and cnt.shape == (B, H, NQ)
-    want = _brute_select(q, k, budget, first, bs)
-    for (b, h, i), blocks in want.items():
-        c = int(cnt[b, h, i])
-        assert c == min(budget[b][i], i - first[b][i] + 1)           # min(budget, available)
-        row = idx[b, h, i].tolist()
-        assert row[:c] == blocks and all(x == -1 for x in row[c:])   # sorted, same doc, padded
-        assert row[c - 1] == i                                        # diagonal present, last
+    assert sel.block_idx.dtype == sel.block_cnt.dtype == torch.int32
+    assert sel.budget.tolist() == budgets and sel.coverage is None and sel.floor is None
+    for (b, h, t), blocks in _brute_select(q, k, budgets, cu, bs).items():
+        c = int(sel.block_cnt[b, h, t])
+        row = sel.block_idx[b, h, t].tolist()
+        assert row[:c] == blocks and all(x == -1 for x in row[c:]), (b, h, t)
 
 
-def test_select_ties_go_to_earlier_blocks():
-    q = torch.ones(1, 1, 128, 16)
-    k = torch.ones(1, 1, 128, 16)                                     # every score equal
-    idx, cnt = A.select_blocks(q, k, 3, None, 16)
-    assert idx[0, 0, 7].tolist() == [0, 1, 7]
-    again, _ = A.select_blocks(q, k, 3, None, 16)
-    assert torch.equal(idx, again)
+def test_ties_go_to_the_lower_block_even_across_topk_cut():
+    """Equal scores (identical key blocks) keep the lower block, whatever torch.topk returns."""
+    q = torch.randn(1, 2, 128, 16, generator=torch.Generator().manual_seed(0))
+    k = torch.ones(1, 2, 128, 16)                                     # every score of a token equal
+    sel = A.select_blocks(q, k, 3, None, 16)
+    for t in range(32, 128):
+        assert sel.block_idx[0, :, t].tolist() == [[0, 1, t // 16]] * 2
+    assert torch.equal(sel.block_idx, A.select_blocks(q, k, 3, None, 16).block_idx)
 
 
-# ------------------------------------------------------------------------------ coverage
+def test_moba_reference_fixture_twin_and_every_impl():
+    """The twin and every impl against MoBA's own naive reference (outputs and gradients)."""
+    for case in torch.load(FIXTURES):
+        bs = case["block_size"]
+        q, k, v, do = (case[n].permute(1, 0, 2)[None].float() for n in ("q", "k", "v", "grad_out"))
+        cu = torch.tensor([0] + torch.tensor(case["lens"]).cumsum(0).tolist(), dtype=torch.int32)
+        sel = A.select_blocks(q, k, torch.tensor(case["budgets"]), cu, bs)
+        want = [case[n].permute(1, 0, 2)[None] for n in ("out", "dq", "dk", "dv")]
+        for impl in ("reference", "torch", "triton"):
+            _close(_run(impl, q, k, v, do, sel, bs), want, 1e-5, 1e-6)
+
+
+# ------------------------------------------------------------------------------ coverage, floor
 @pytest.mark.parametrize("name", ["multi_doc", "one_doc"])
-def test_routing_coverage_monotone_ends_at_one_and_matches_brute_force(name):
+def test_coverage_matches_brute_force_monotone_ends_at_one(name):
     B, H, T, D, bs, cu = LAYOUTS[name]
     q, k, _, _ = _inputs(B, H, T, D, seed=2)
     C = A.routing_coverage(q, k, _cu(cu), bs)
-    assert C.shape[0] == _n_seq(B, cu)
+    NQ = T // bs
+    assert C.shape == (_n_seq(B, cu), NQ)
     assert (C.diff(dim=1) >= 0).all() and torch.allclose(C[:, -1], torch.ones(len(C)))
-    # brute force for the first sequence of row 0: diagonal mass, then best blocks one by one
-    n = (cu[1] if cu else T) // bs
-    qm = q[0, :, :n * bs].reshape(H, n, bs, D).mean(2)
-    km = k[0, :, :n * bs].reshape(H, n, bs, D).mean(2)
+    # brute force for a 3-block sequence: per token and head, softmax over its earlier blocks only
+    s, (a, b) = (1, cu[1:3]) if cu else (0, (0, T))
+    n = (b - a) // bs
+    km = k.transpose(0, 1).reshape(H, -1, D)[:, a:b].double().reshape(H, n, bs, D).mean(2)
+    qs = q.transpose(0, 1).reshape(H, -1, D)[:, a:b].double()
     curves = []
     for h in range(H):
-        for i in range(n):
-            p = torch.softmax((qm[h, i] @ km[h, :i + 1].T) / math.sqrt(D), 0)
-            mass = [float(p[i])] + sorted(p[:i].tolist(), reverse=True)
-            cum = torch.tensor(mass).cumsum(0).clamp(max=1)
-            curves.append(torch.cat([cum, torch.ones(C.shape[1] - len(cum))]))
-    assert torch.allclose(C[0], torch.stack(curves).mean(0), atol=1e-5)
+        for t in range(n * bs):
+            i = t // bs
+            mass = sorted(torch.softmax(qs[h, t] @ km[h, :i].T / math.sqrt(D), 0).tolist(),
+                          reverse=True) if i else []
+            curves.append([min(1.0, sum(mass[:kk - 1])) if kk - 1 < i else 1.0 for kk in range(1, NQ + 1)])
+    assert torch.allclose(C[s].double(), torch.tensor(curves, dtype=torch.float64).mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3, 0.6])
+def test_floor_is_the_smallest_budget_keeping_coverage(p):
+    B, H, T, D, bs, cu = LAYOUTS["multi_doc"]
+    q, k, _, _ = _inputs(B, H, T, D, seed=3)
+    requested = torch.tensor([1, 2, 1, 3, 1, 1, 2])
+    sel = A.select_blocks(q, k, requested, _cu(cu), bs, k0=3, p=p)
+    full = A.routing_coverage(q, k, _cu(cu), bs)
+    for s in range(len(requested)):
+        curve = full[s].tolist()
+        floor = next(kk for kk in range(1, len(curve) + 1) if curve[kk - 1] >= (1 - p) * curve[2] - 1e-6)
+        assert int(sel.floor[s]) == floor
+        assert int(sel.budget[s]) == max(int(requested[s]), floor)   # smallest budget >= both
+    assert torch.allclose(sel.coverage, full[:, :3], atol=1e-6)
+    # and the layout really uses the raised budgets
+    again = A.select_blocks(q, k, sel.budget, _cu(cu), bs)
+    assert torch.equal(again.block_idx, sel.block_idx) and torch.equal(again.block_cnt, sel.block_cnt)
 
 
 # ------------------------------------------------------------------------------ attention
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("topk", [1, 2, 100, "per_seq"])
-def test_torch_matches_reference_fp32(name, topk):
+def test_torch_matches_twin_fp32(name, topk):
     B, H, T, D, bs, cu = LAYOUTS[name]
     q, k, v, do = _inputs(B, H, T, D, seed=3)
-    if topk == "per_seq":
-        topk = torch.arange(_n_seq(B, cu)) % 3 + 1
-    idx, cnt = A.select_blocks(q, k, topk, _cu(cu), bs)
-    want = _run("reference", q, k, v, do, idx, cnt, bs)
-    _close(_run("torch", q, k, v, do, idx, cnt, bs), want, 1e-5, 1e-6)
+    sel = A.select_blocks(q, k, _budget(topk, _n_seq(B, cu)), _cu(cu), bs)
+    _close(_run("torch", q, k, v, do, sel, bs), _run("reference", q, k, v, do, sel, bs), 1e-5, 1e-6)
 
 
-def test_torch_chunking_does_not_change_the_result():
+@pytest.mark.parametrize("D", [16, 32, 64])
+def test_torch_matches_twin_head_dims_and_long_rows(D):
+    q, k, v, do = _inputs(2, 2, 512, D, seed=D)
+    cu = _cu([0, 64, 256, 512, 544, 1024])
+    sel = A.select_blocks(q, k, torch.tensor([2, 3, 4, 1, 5]), cu, 32)
+    _close(_run("torch", q, k, v, do, sel, 32), _run("reference", q, k, v, do, sel, 32), 1e-5, 1e-6)
+
+
+def test_torch_fp16_matches_fp32_twin():
     B, H, T, D, bs, cu = LAYOUTS["multi_doc"]
-    q, k, v, _ = _inputs(B, H, T, D, seed=4)
-    idx, cnt = A.select_blocks(q, k, 3, _cu(cu), bs)
-    whole = A.attention_torch(q, k, v, idx, cnt, bs)
-    chunked = A.attention_torch(q, k, v, idx, cnt, bs, chunk_elems=1)     # one query block a chunk
-    assert (whole - chunked).abs().max() < 1e-6
+    q, k, v, do = _inputs(B, H, T, D, dtype=torch.float16, seed=8)
+    sel = A.select_blocks(q, k, 3, _cu(cu), bs)
+    got = _run("torch", q, k, v, do, sel, bs)
+    assert all(x.dtype == torch.float16 for x in got)
+    _close(got, _run("reference", *(x.float() for x in (q, k, v, do)), sel, bs), 1e-2, 1e-3)
 
 
 @pytest.mark.parametrize("impl", ["auto", "torch", "reference", "triton"])
@@ -150,6 +198,35 @@ def test_dense_budget_equals_causal_sdpa_per_document(impl):
         assert (flat(o)[:, a:b] - want).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_output_at_t_ignores_every_later_position(impl):
+    """Causality of gate + attention at a sparse budget: changing q, k, v after t leaves o[:t+1]."""
+    q, k, v, _ = _inputs(1, 2, 256, 16, seed=11)
+    cu = _cu([0, 48, 256])
+    base = A.sparse_attention(q, k, v, 2, cu, 16, impl=impl)
+    for t in (20, 47, 70, 100, 133, 170, 205, 230):                     # mid-block positions
+        q2, k2, v2 = (x.clone() for x in (q, k, v))
+        for x in (q2, k2, v2):
+            x[:, :, t + 1:] = torch.randn_like(x[:, :, t + 1:]) * 3
+        o = A.sparse_attention(q2, k2, v2, 2, cu, 16, impl=impl)
+        assert torch.equal(o[:, :, :t + 1], base[:, :, :t + 1]), t
+        assert not torch.equal(o[:, :, t + 1:], base[:, :, t + 1:])   # later outputs did move
+
+
+def test_with_p_the_budget_is_sequence_level_information():
+    """With p set, a sequence's floor comes from all its tokens (as in the paper): when the later
+    tokens route all their mass to one block, the floor drops and earlier outputs change with it.
+    With a fixed budget the same change leaves every earlier output alone."""
+    q, k, v, _ = _inputs(1, 1, 256, 16, seed=12)
+    q2 = q.clone()
+    q2[:, :, 128:] = 50 * k[:, :, :16].mean(2, keepdim=True)          # later tokens: all on block 0
+    a, b = (A.select_blocks(x, k, 1, None, 16, k0=8, p=0.2).budget for x in (q, q2))
+    assert int(b) < int(a)
+    early = lambda x, topk, **kw: A.sparse_attention(x, k, v, topk, None, 16, **kw)[:, :, :128]  # noqa: E731
+    assert not torch.equal(early(q, 1, k0=8, p=0.2), early(q2, 1, k0=8, p=0.2))
+    assert torch.equal(early(q, int(b)), early(q2, int(b)))
+
+
 # ------------------------------------------------------------------------- triton (interpreted)
 # (layout, budget): several documents per row with 1-block documents, B and H > 1, budget 1,
 # budget >= every block, per-sequence budgets. Each case costs a few seconds in the interpreter.
@@ -158,25 +235,25 @@ TRITON_CASES = [("multi_doc", 2), ("multi_doc", "per_seq"), ("one_doc", 1), ("si
 
 
 @pytest.mark.parametrize("name,topk", TRITON_CASES)
-def test_triton_matches_reference_and_torch_fp32(name, topk):
+def test_triton_matches_twin_and_torch_fp32(name, topk):
     B, H, T, D, bs, cu = LAYOUTS[name]
     q, k, v, do = _inputs(B, H, T, D, seed=7)
-    if topk == "per_seq":
-        topk = torch.tensor([3, 1, 2, 4, 1, 2, 3][:_n_seq(B, cu)])
-    idx, cnt = A.select_blocks(q, k, topk, _cu(cu), bs)
-    got = _run("triton", q, k, v, do, idx, cnt, bs)
-    _close(got, _run("reference", q, k, v, do, idx, cnt, bs), 1e-5, 1e-6)
-    _close(got, _run("torch", q, k, v, do, idx, cnt, bs), 1e-5, 1e-6)
+    sel = A.select_blocks(q, k, _budget(topk, _n_seq(B, cu)), _cu(cu), bs)
+    got = _run("triton", q, k, v, do, sel, bs)
+    _close(got, _run("reference", q, k, v, do, sel, bs), 1e-5, 1e-6)
+    _close(got, _run("torch", q, k, v, do, sel, bs), 1e-5, 1e-6)
 
 
-def test_triton_fp16_matches_fp32_reference():
+def test_triton_head_dim_64_and_fp16():
+    q, k, v, do = _inputs(1, 1, 64, 64, seed=13)
+    sel = A.select_blocks(q, k, 2, None, 16)
+    _close(_run("triton", q, k, v, do, sel, 16), _run("reference", q, k, v, do, sel, 16), 1e-5, 1e-6)
     B, H, T, D, bs, cu = LAYOUTS["multi_doc"]
     q, k, v, do = _inputs(B, H, T, D, dtype=torch.float16, seed=8)
-    idx, cnt = A.select_blocks(q, k, 3, _cu(cu), bs)
-    want = _run("reference", *(x.float() for x in (q, k, v, do)), idx, cnt, bs)
-    got = _run("triton", q, k, v, do, idx, cnt, bs)
+    sel = A.select_blocks(q, k, 3, _cu(cu), bs)
+    got = _run("triton", q, k, v, do, sel, bs)
     assert all(x.dtype == torch.float16 for x in got)
-    _close(got, want, 1e-2, 1e-3)
+    _close(got, _run("reference", *(x.float() for x in (q, k, v, do)), sel, bs), 1e-2, 1e-3)
 
 
 @pytest.mark.parametrize("impl,name,seed", [("torch", "multi_doc", 6),
@@ -184,20 +261,68 @@ def test_triton_fp16_matches_fp32_reference():
 def test_two_runs_bitwise_equal(impl, name, seed):
     B, H, T, D, bs, cu = LAYOUTS[name]
     q, k, v, do = _inputs(B, H, T, D, seed=seed)
-    idx, cnt = A.select_blocks(q, k, 2, _cu(cu), bs)
-    first, second = (_run(impl, q, k, v, do, idx, cnt, bs) for _ in range(2))
+    sel = A.select_blocks(q, k, 2, _cu(cu), bs)
+    first, second = (_run(impl, q, k, v, do, sel, bs) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+# ------------------------------------------------------------------------------ decoding
+def test_decode_attention_equals_the_full_forward_rows():
+    """Token by token through a cache of keys, values and block-mean keys, the same outputs as one
+    full sparse forward: the decode gate is the training gate."""
+    B, H, T, D, bs = 2, 2, 96, 16, 16
+    q, k, v, _ = _inputs(B, H, T, D, seed=14)
+    budget = torch.tensor([2, 3])
+    want = A.sparse_attention(q, k, v, budget, None, bs, impl="reference")
+    means = k.unflatten(2, (T // bs, bs)).mean(3)                        # what the cache keeps
+    for pos, n in ((0, 5), (5, 1), (6, 30), (36, 1), (37, 59)):          # chunks and single tokens
+        o = A.decode_attention(q[:, :, pos:pos + n], k, v, means, pos, budget, bs)
+        torch.testing.assert_close(o, want[:, :, pos:pos + n], atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------ bad input
+def _layout(**edit):
+    """A valid layout for q [1, 1, 64, 16], block 16, budget 3, with one entry edited."""
+    q = torch.randn(1, 1, 64, 16)
+    sel = A.select_blocks(q, q, 3, None, 16)
+    idx, cnt = sel.block_idx.clone(), sel.block_cnt.clone()
+    t = 40                                                              # block 2: [a, b, 2]
+    if "cnt" in edit:
+        cnt[0, 0, t] = edit["cnt"]
+    if "idx" in edit:
+        idx[0, 0, t] = torch.tensor(edit["idx"])
+    return q, idx, cnt
+
+
+MALFORMED = {
+    "count above width": dict(cnt=4),
+    "negative count": dict(cnt=-1),
+    "zero count": dict(cnt=0),
+    "future block": dict(idx=[0, 1, 3]),
+    "duplicate block": dict(idx=[1, 1, 2]),
+    "own block missing": dict(idx=[0, 1, -1], cnt=2),
+    "negative block": dict(idx=[-1, 1, 2]),
+}
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_layout_raises_in_every_impl(case, impl):
+    q, idx, cnt = _layout(**MALFORMED[case])
+    with pytest.raises(ValueError, match="block"):
+        A.block_sparse_attention(q, q, q, idx, cnt, 16, impl=impl)
+
+
 def _bad_calls():
     q = torch.randn(1, 2, 64, 16)
     q40, q24, q8 = q[:, :, :40], torch.randn(1, 1, 32, 24), torch.randn(1, 1, 32, 8)
     q2 = torch.randn(2, 1, 32, 16)
     cu = lambda *c: torch.tensor(c, dtype=torch.int32)                       # noqa: E731
-    idx, cnt = A.select_blocks(q, q, 2, None, 16)
+    sel = A.select_blocks(q, q, 2, None, 16)
+    idx, cnt = sel.block_idx, sel.block_cnt
     return {
         "T not block aligned": lambda: A.sparse_attention(q40, q40, q40, 2),
+        "empty batch": lambda: A.sparse_attention(q[:0], q[:0], q[:0], 2, block_size=16),
         "cu not block aligned": lambda: A.select_blocks(q, q, 2, cu(0, 24, 64), 16),
         "cu not increasing": lambda: A.select_blocks(q, q, 2, cu(0, 32, 32, 64), 16),
         "cu wrong end": lambda: A.select_blocks(q, q, 2, cu(0, 32), 16),
@@ -206,6 +331,9 @@ def _bad_calls():
         "budget tensor < 1": lambda: A.select_blocks(q, q, torch.tensor([0]), None, 16),
         "budget wrong length": lambda: A.select_blocks(q, q, torch.tensor([2, 2]), None, 16),
         "budget float": lambda: A.select_blocks(q, q, 2.0, None, 16),
+        "p without k0": lambda: A.select_blocks(q, q, 2, None, 16, p=0.1),
+        "p out of range": lambda: A.select_blocks(q, q, 2, None, 16, k0=2, p=1.0),
+        "p nan": lambda: A.select_blocks(q, q, 2, None, 16, k0=2, p=float("nan")),
         "shape mismatch": lambda: A.sparse_attention(q, q, q[:, :1], 2, block_size=16),
         "dtype mismatch": lambda: A.sparse_attention(q, q.double(), q, 2, block_size=16),
         "block not pow2": lambda: A.sparse_attention(q, q, q, 2, block_size=24),
@@ -216,6 +344,7 @@ def _bad_calls():
         "bad impl": lambda: A.block_sparse_attention(q, q, q, idx, cnt, 16, impl="cuda"),
         "layout shape": lambda: A.block_sparse_attention(q, q, q, idx[:, :, :2], cnt, 16),
         "layout block size": lambda: A.block_sparse_attention(q, q, q, idx, cnt, 32),
+        "float layout": lambda: A.block_sparse_attention(q, q, q, idx.float(), cnt, 16),
     }
 
 
@@ -232,6 +361,6 @@ def test_check_script_passes_on_tiny_cases():
 
 
 def test_bench_prints_every_row(capsys):
-    A.bench([128], heads=1, dim=16, block=16, reps=1)
+    A.bench([128], heads=1, dim=16, block=16, reps=1, densities=(1, 1 / 4))
     out = capsys.readouterr().out
-    assert "failed" not in out and len(out.strip().splitlines()) == 2 + 4   # header + 4 densities
+    assert "failed" not in out and len(out.strip().splitlines()) == 2 + 2   # header + 2 densities
