@@ -594,7 +594,7 @@ def decode_attention(q, k, v, k_means, pos, topk, block_size):
         blocks = torch.cat([top, blocks], -1)                              # [B, H, n, keep+1]
     keys = blocks[..., None] * block_size + torch.arange(block_size, device=q.device)
     ok = (blocks[..., None] >= 0) & (keys <= a[:, None, None])             # [B, H, n, W, bs]
-    keys = keys.clamp(min=0).flatten(-2)                                   # [B, H, n, W*bs]
+    keys = keys.clamp(0, k.size(2) - 1).flatten(-2)                       # [B, H, n, W*bs]
     gather = lambda x: x.gather(2, keys.flatten(2)[..., None].expand(-1, -1, -1, D)  # noqa: E731
                                 ).view(B, H, n, -1, D)
     K, V = gather(k), gather(v)                                            # [B, H, n, W*bs, D]

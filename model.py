@@ -7,8 +7,11 @@ GPT, decoding cache, then a collision analysis of the n-gram hash.
 - N-gram Embedding (LongCat-Flash-Lite, "Scaling Embeddings Outperforms Scaling Experts in Language
   Models", arXiv 2601.21204, Eq. 3): the token embedding is averaged with K hashed sub-table
   lookups per n-gram order n = 2..N, each projected back to the model width.
-- Attention: MoBA-style block-sparse causal attention from attention.py, with per-sequence (and
-  per-layer) budgets and packed documents (`cu_seqlens`), as SparseBalance trains it.
+- Attention: token-level MoBA from attention.py (each token routes to its best earlier blocks;
+  causal by construction), with per-sequence and per-layer budgets, packed documents
+  (`cu_seqlens`) and DST's per-layer coverage floor (`k0`, `p`), as SparseBalance trains it.
+  Decoding runs the same gate over the KV cache's block-mean keys: generation is as sparse as
+  training, and prefill + decode gives the logits of one full forward.
 - Optional mixture of experts FFN with top-k softmax routing and the Switch Transformer
   load-balancing loss; optional n-gram draft head (the paper proposes it as a nearly free drafter).
 
@@ -26,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, reduce
 
-from attention import sparse_attention
+from attention import block_sparse_attention, decode_attention, select_blocks
 from data import stdlib_files
 
 
@@ -40,7 +43,7 @@ class GPTConfig:
     n_embd: int = 256               # model width D
     max_seq_len: int = 1024         # longest training row; default length of a decoding cache
     attn_block: int = 64            # block size of the sparse attention (not the context length!)
-    topk: int = 8                   # default attention budget: key blocks per query block, diagonal included
+    topk: int = 8                   # default attention budget: blocks per token, its own included
     mlp: str = "swiglu"             # FFN activation: "swiglu" | "gelu"
     ffn_hidden: int = 0             # hidden width of the MLP and of each expert; 0 = 4*D (GELU) or
                                     # 8/3*D rounded up to 64 (SwiGLU: about the same parameters)
@@ -219,18 +222,18 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
-def causal_sparse_attention(q, k, v, topk, cu_seqlens, block):
-    """`sparse_attention` for any T: pads q, k, v with zeros at the end up to a block multiple.
-
-    Causal, so real queries never see the padding; with the mean-pooled gate, zero queries only
-    scale the last block's pooled query, which does not change its ranking of key blocks."""
+def causal_sparse_attention(q, k, v, topk, cu_seqlens, block, k0=None, p=None):
+    """Token-level MoBA for any T: pads q, k, v with zeros at the end up to a block multiple (the
+    gate is causal, so no real token sees the padding). -> (y [B, H, T, hd], budgets used [S])."""
     T = q.size(2)
     pad = -T % block
     if pad and cu_seqlens is not None:
         raise ValueError(f"with cu_seqlens, T={T} must be a multiple of attn_block={block}")
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    return sparse_attention(q, k, v, topk, cu_seqlens, block_size=block)[:, :, :T]
+    sel = select_blocks(q, k, topk, cu_seqlens, block, k0=k0, p=p)
+    y = block_sparse_attention(q, k, v, sel.block_idx, sel.block_cnt, block, validate=False)
+    return y[:, :, :T], sel.budget
 
 
 class CausalSelfAttention(nn.Module):
@@ -239,27 +242,27 @@ class CausalSelfAttention(nn.Module):
         self.config = config
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.used_budget = None                                        # [S], after a forward
 
-    def forward(self, x, cos, sin, topk, cu_seqlens=None, cache=None, layer=0):
-        """Training and prefill (no cache, or cache.pos == 0) use block-sparse attention with
-        budget `topk`. Decoding steps (cache.pos > 0) attend densely to every cached position:
-        above attn_block tokens that differs from the sparse selection a full forward would make,
-        and equals it whenever the budget covers all blocks."""
+    def forward(self, x, cos, sin, topk, cu_seqlens=None, cache=None, layer=0, k0=None, p=None):
+        """Training and prefill (no cache, or cache.pos == 0): token-level MoBA with budget `topk`
+        (raised to this layer's coverage floor when `p` is set). Decoding steps (cache.pos > 0):
+        the same gate over the cache's block-mean keys (`attention.decode_attention`)."""
         qkv = self.c_attn(x)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.config.n_head)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)        # (B, H, T, hd)
-        p = 0 if cache is None else cache.pos
+        p0 = 0 if cache is None else cache.pos
         if cache is not None:
-            T = x.size(1)
-            cache.k[layer][:, :, p:p + T] = k
-            cache.v[layer][:, :, p:p + T] = v
-        if p > 0:                                                      # decoding step
-            keys, vals = (c[layer][:, :, :p + T].to(q.dtype) for c in (cache.k, cache.v))
-            qpos = torch.arange(p, p + T, device=x.device)
-            mask = torch.arange(p + T, device=x.device) <= qpos[:, None]   # (T, p+T)
-            y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+            cache.write(layer, k, v)
+        if p0 > 0:                                                     # decoding step
+            L = p0 + x.size(1)
+            y = decode_attention(q, cache.k[layer][:, :, :L].to(q.dtype),
+                                 cache.v[layer][:, :, :L].to(q.dtype), cache.k_mean[layer],
+                                 p0, topk, self.config.attn_block)
+            self.used_budget = topk
         else:
-            y = causal_sparse_attention(q, k, v, topk, cu_seqlens, self.config.attn_block)
+            y, self.used_budget = causal_sparse_attention(q, k, v, topk, cu_seqlens,
+                                                          self.config.attn_block, k0, p)
         return self.c_proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
@@ -322,8 +325,8 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(config.n_embd)
         self.ffn = MoE(config) if config.n_experts else MLP(config)
 
-    def forward(self, x, cos, sin, topk, cu_seqlens=None, cache=None, layer=0):
-        x = x + self.attn(self.norm1(x), cos, sin, topk, cu_seqlens, cache, layer)
+    def forward(self, x, cos, sin, topk, cu_seqlens=None, cache=None, layer=0, k0=None, p=None):
+        x = x + self.attn(self.norm1(x), cos, sin, topk, cu_seqlens, cache, layer, k0, p)
         return x + self.ffn(self.norm2(x))
 
 
@@ -344,6 +347,7 @@ class GPT(nn.Module):
         if config.n_tables:   # each W_c keeps its lookup's scale, so every term of Eq. 3 starts like E0
             nn.init.normal_(self.embed.proj.weight, std=(config.n_embd // config.n_tables) ** -0.5)
         self.last_losses = {}
+        self.used_budgets = None
 
     def num_params(self, active=False):
         """Total parameters, or those one token's LM logits use (active=True): one row of E0 and of
@@ -370,10 +374,13 @@ class GPT(nn.Module):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
     def forward(self, idx, targets=None, cu_seqlens=None, topk=None, cache=None, loss_mask=None,
-                ngram_ids=None):
+                ngram_ids=None, k0=None, p=None):
         """idx [B, T] -> (logits [B, T, V], loss or None).
 
         topk: None (config.topk), int, LongTensor [S] (one budget per sequence) or [n_layer, S].
+        k0, p: DST's in-layer half: every layer raises each budget to its own coverage floor, the
+        smallest k with C(k) >= (1 - p) C(k0). `self.used_budgets` [n_layer, S] holds the budgets
+        each layer used, after every forward.
         cache: decode with a `KVCache`: idx holds positions cache.pos .. cache.pos+T-1 (see KVCache).
         ngram_ids: precomputed `embed.hash_ids` output, reused by speculative decoding.
         loss = LM cross-entropy over counted tokens (targets != -1 and loss_mask) + moe_aux_weight *
@@ -386,6 +393,9 @@ class GPT(nn.Module):
         if cache is not None:
             if cu_seqlens is not None:
                 raise ValueError("decoding with a cache takes one sequence per row: pass cu_seqlens=None")
+            if p is not None:
+                raise ValueError("p (DST's coverage floor) is for training forwards; decoding "
+                                 "with a cache uses fixed budgets: pass topk only")
             if cache.pos + T > cache.max_len:
                 raise ValueError(f"cache holds {cache.max_len} positions; pos {cache.pos} + {T} new "
                                  "tokens overflow it: create it with a larger max_len")
@@ -409,7 +419,10 @@ class GPT(nn.Module):
         cos, sin = rope(pos, cfg.n_embd // cfg.n_head, cfg.rope_base)
         x = x0
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, budgets[layer], cu_seqlens, cache, layer)
+            x = block(x, cos, sin, budgets[layer], cu_seqlens, cache, layer, k0, p)
+        S = B if cu_seqlens is None else len(cu_seqlens) - 1
+        self.used_budgets = torch.stack([torch.as_tensor(b.attn.used_budget, device=idx.device)
+                                         .expand(S) for b in self.blocks])   # [n_layer, S]
         logits = self.lm_head(self.norm_f(x))                          # (B, T, V)
         if cache is not None:
             cache.pos += T
@@ -444,7 +457,8 @@ class GPT(nn.Module):
         p = self.lm_head.weight
         cfg = self.config
         return KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.n_embd // cfg.n_head,
-                       max_len or cfg.max_seq_len, device or p.device, dtype or p.dtype)
+                       max_len or cfg.max_seq_len, device or p.device, dtype or p.dtype,
+                       cfg.attn_block)
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
@@ -474,21 +488,35 @@ class GPT(nn.Module):
 
 # ------------------------------------------------------------------------------ decoding cache
 class KVCache:
-    """Position-indexed decoding cache (gpt-fast style) with the n-gram context.
+    """Position-indexed decoding cache (gpt-fast style) with the n-gram context and block means.
 
-    k[l], v[l]: [B, H, max_len, hd] per layer; tokens: [B, max_len] ids written so far (the n-gram
-    context of the next token is tokens[:, pos-(N-1):pos], 0 before the start); pos: positions
-    filled, equal for all rows. Rolling back rejected draft tokens is `cache.pos = n`: later writes
-    overwrite them, nothing is copied. A prefill (pos == 0) attends block-sparsely like training;
-    later steps attend densely to all cached positions (see CausalSelfAttention.forward)."""
+    k[l], v[l]: [B, H, max_len, hd] per layer; k_mean[l]: [B, H, max_len // block, hd], the mean
+    key of every complete block (what the MoBA gate scores), recomputed whenever a write reaches a
+    block's last position; tokens: [B, max_len] ids written so far (the n-gram context of the next
+    token is tokens[:, pos-(N-1):pos], 0 before the start); pos: positions filled, equal for all
+    rows. Rolling back rejected draft tokens is `cache.pos = n`: later writes overwrite them, and a
+    block's mean is only read once the block is complete again, so it is rewritten first."""
 
-    def __init__(self, n_layer, batch_size, n_head, head_dim, max_len, device, dtype):
+    def __init__(self, n_layer, batch_size, n_head, head_dim, max_len, device, dtype, block=64):
         shape = (batch_size, n_head, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        mshape = (batch_size, n_head, max_len // block, head_dim)
+        self.k_mean = [torch.zeros(mshape, device=device, dtype=torch.float32) for _ in range(n_layer)]
         self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.max_len = max_len
+        self.max_len, self.block = max_len, block
         self.pos = 0
+
+    def write(self, layer, k, v):
+        """Store k, v [B, H, n, hd] at positions pos .. pos+n-1 and refresh the means of the
+        blocks this write completes."""
+        p, n, bs = self.pos, k.size(2), self.block
+        self.k[layer][:, :, p:p + n] = k
+        self.v[layer][:, :, p:p + n] = v
+        done = range(p // bs, min((p + n) // bs, self.k_mean[layer].size(2)))   # complete now
+        if len(done):
+            keys = self.k[layer][:, :, done.start * bs:done.stop * bs].float()
+            self.k_mean[layer][:, :, done.start:done.stop] = keys.unflatten(2, (len(done), bs)).mean(3)
 
     @property
     def pos(self):

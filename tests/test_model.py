@@ -96,26 +96,47 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_prefill_and_decode_match_full_forward(name):
+    """Sparse decoding (the gate over the cache's block-mean keys) gives the logits of one full
+    forward at a sparse budget: 61 tokens are 4 blocks of 16, and each token keeps 2 of them."""
     model = tiny(**CONFIGS[name])
-    idx = torch.randint(0, 257, (2, 29), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 257, (2, 61), generator=torch.Generator().manual_seed(1))
     idx[1, 9] = 256
     with torch.no_grad():
-        full, _ = model(idx, topk=8)                 # 29 tokens = 2 blocks: budget 8 covers all
-        cache = model.new_cache(2, max_len=32)
-        parts = [model(idx[:, :20], cache=cache, topk=8)[0]]        # prefill (padded to 32)
-        for t in range(20, 26):
-            parts.append(model(idx[:, t:t + 1], cache=cache)[0])    # one token at a time
-        parts.append(model(idx[:, 26:29], cache=cache)[0])          # a verify-style chunk
-    assert cache.pos == 29
+        full, _ = model(idx, topk=2)
+        dense, _ = model(idx, topk=4)
+        assert (full - dense).abs().max() > 1e-4                     # the budget really bites
+        cache = model.new_cache(2, max_len=64)
+        parts = [model(idx[:, :20], cache=cache, topk=2)[0]]        # prefill (padded to 32)
+        for t in range(20, 40):
+            parts.append(model(idx[:, t:t + 1], cache=cache, topk=2)[0])   # one token at a time
+        parts.append(model(idx[:, 40:61], cache=cache, topk=2)[0])  # a chunk across a block end
+    assert cache.pos == 61
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
-    cache.pos = 22                                  # roll back and fill 22..28 with other ids,
+    cache.pos = 30                                  # roll back and fill 30..52 with other ids,
     with torch.no_grad():                           # then roll back again and rewrite: a chunk
-        for t in range(22, 29):                     # and the steps after it must see its K/V and
-            model((idx[:, t:t + 1] + 1) % 256, cache=cache)         # ids, not the stale ones
-        cache.pos = 22
-        again = [model(idx[:, 22:26], cache=cache)[0]]
-        again += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(26, 29)]
-    torch.testing.assert_close(torch.cat(again, 1), full[:, 22:], atol=1e-5, rtol=0)
+        for t in range(30, 53):                     # and the steps after it must see its K/V,
+            model((idx[:, t:t + 1] + 1) % 256, cache=cache)         # block means and ids, not
+        cache.pos = 30                                              # the stale ones
+        again = [model(idx[:, 30:34], cache=cache)[0]]
+        again += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(34, 61)]
+    torch.testing.assert_close(torch.cat(again, 1), full[:, 30:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_at_t_ignore_every_later_token(name):
+    """Causality of the whole model at a sparse budget, N-gram embedding on and packed documents:
+    changing the tokens after t leaves the logits at positions <= t bit for bit."""
+    model = tiny(**CONFIGS[name])
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, 256, (1, 64), generator=g)
+    cu = torch.tensor([0, 16, 64], dtype=torch.int32)
+    with torch.no_grad():
+        base, _ = model(idx, cu_seqlens=cu, topk=2)
+        for t in (5, 16, 25, 40, 57):
+            other = idx.clone()
+            other[:, t + 1:] = torch.randint(0, 256, (1, 63 - t), generator=g)
+            logits, _ = model(other, cu_seqlens=cu, topk=2)
+            assert torch.equal(logits[:, :t + 1], base[:, :t + 1]), t
 
 
 def test_cache_errors():
@@ -131,8 +152,8 @@ def test_cache_errors():
 
 
 # ------------------------------------------------------------------------------ attention
-def dense_attention(q, k, v, topk, cu_seqlens=None, block_size=64):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+def dense_attention(q, k, v, topk, cu_seqlens=None, block=64, k0=None, p=None):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True), topk
 
 
 def test_full_budget_equals_dense_attention(monkeypatch):
@@ -141,7 +162,7 @@ def test_full_budget_equals_dense_attention(monkeypatch):
     with torch.no_grad():
         sparse, _ = model(idx, topk=4)
         per_layer, _ = model(idx, topk=torch.full((2, 2), 4))
-        monkeypatch.setattr(M, "sparse_attention", dense_attention)
+        monkeypatch.setattr(M, "causal_sparse_attention", dense_attention)
         dense, _ = model(idx)
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=0)
     torch.testing.assert_close(per_layer, dense, atol=1e-5, rtol=0)
@@ -159,19 +180,35 @@ def test_packed_documents_equal_separate_rows():
     torch.testing.assert_close(packed, torch.cat([first, second], 1), atol=1e-5, rtol=0)
 
 
-def test_per_layer_budgets_reach_each_layer(monkeypatch):
+def test_per_layer_budgets_reach_each_layer_and_are_reported():
     model = tiny()
-    seen = []
-
-    def spy(q, k, v, topk, cu_seqlens=None, block_size=64):
-        seen.append(topk.tolist())
-        return dense_attention(q, k, v, topk)
-    monkeypatch.setattr(M, "sparse_attention", spy)
+    idx = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5))
     budgets = torch.tensor([[1, 2], [3, 4]])                        # [n_layer, S]
-    model(torch.zeros(2, 32, dtype=torch.long), topk=budgets)
-    assert seen == [[1, 2], [3, 4]]
+    with torch.no_grad():
+        logits, _ = model(idx, topk=budgets)
+        assert model.used_budgets.tolist() == [[1, 2], [3, 4]]
+        # each layer really ran its own budget: layer 1 at budget 1 changes the logits
+        other, _ = model(idx, topk=torch.tensor([[1, 2], [1, 4]]))
+    assert not torch.equal(logits[0], other[0]) and torch.equal(logits[1], other[1])
     with pytest.raises(ValueError, match="n_layer"):
         model(torch.zeros(2, 32, dtype=torch.long), topk=torch.ones(3, 2, dtype=torch.long))
+
+
+def test_dst_floor_in_every_layer():
+    """With k0 and p each layer raises each budget to its own coverage floor (never below the
+    requested budget), and reports what it used."""
+    model = tiny(n_layer=3)
+    idx = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(6))
+    cu = torch.tensor([0, 16, 64], dtype=torch.int32)
+    with torch.no_grad():
+        model(idx, cu_seqlens=cu, topk=torch.tensor([1, 1]), k0=4, p=0.1)
+        raised = model.used_budgets.clone()
+        model(idx, cu_seqlens=cu, topk=torch.tensor([1, 1]))
+    assert model.used_budgets.tolist() == [[1, 1]] * 3
+    assert raised.shape == (3, 2) and (raised >= 1).all() and (raised <= 4).all()
+    assert (raised[:, 1] > 1).all()                                 # 3 earlier blocks to route to
+    with pytest.raises(ValueError, match="decoding"):
+        model(idx[:, :8], cache=model.new_cache(1, 64), k0=4, p=0.1)
 
 
 # ------------------------------------------------------------------------------ MoE
