@@ -20,18 +20,22 @@ compute time of every rank can be measured without the wait for the slowest one.
 
 Outputs in --out: metrics.jsonl (one JSON line per step and per evaluation), config.json, and
 ckpt.pt (written atomically; `--resume` continues it exactly, and starts fresh when it is absent,
-which is what `torchrun --max-restarts` needs).
+which is what `torchrun --max-restarts` needs). A `lock` file keeps a second run off the same --out.
+A diverged run (non-finite weights, --max-skips skipped steps in a row) stops with an error and
+never overwrites the last good checkpoint; a stalled rank ends the job after --pg-timeout seconds.
 """
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
 import random
+import socket
 import sys
 import time
 import zlib
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import numpy as np
 import torch
@@ -75,18 +79,39 @@ PRESETS = {
 # --balance: (policy for batching.plan_batches, tune budgets with DST?)
 BALANCE = {"none": ("naive", False), "dst": ("naive", True), "lbb": ("lbb", False),
            "lbb+dst": ("lbb", True), "sab": ("sab", False), "sab+dst": ("sab", True)}
-# Train settings that must match to continue a checkpoint (model fields are compared separately).
-MUST_MATCH = ("data", "seed", "batch_size", "micro", "val_frac", "passkey_frac", "variant")
+# Train settings that change the numbers a run produces: a resume must use the same ones to continue
+# exactly (or say --allow-changes). The model's fields must always match (they shape the weights).
+MUST_MATCH = ("data", "seed", "batch_size", "micro", "val_frac", "passkey_frac", "variant", "lr",
+              "min_lr_frac", "warmup", "steps", "weight_decay", "grad_clip", "balance", "anchor", "p",
+              "correction", "length_bias")
+MAX_BATCH = 1 << 16  # samples per step; more is a typo (every rank plans the whole global batch)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (diverged, a stalled rank, a failed write); the message says why."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # a bad flag is one line and exit status 1, like every other bad input
+        raise ValueError(message)
+
+
+def to_bool(s):
+    if s.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a boolean: use true or false")
+    return s.lower() in ("1", "true", "yes")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: cpu-quick, or gpu on CUDA)")
     a("--data", default=None, help="directory of text files, a text file, or a uint16 token file "
       "(*.bin); default: this Python's standard library sources")
     a("--out", default=None, help="output directory (default: out/<preset>)")
     a("--resume", action="store_true", help="continue OUT/ckpt.pt if it exists, else start fresh")
+    a("--allow-changes", action="store_true", help="with --resume: continue a checkpoint written with "
+      "other training flags (lr, schedule, steps, data, ...); the model's fields must still match")
     a("--steps", type=int, help="optimizer steps (also the length of the cosine schedule)")
     a("--batch-size", type=int, help="samples (document chunks) per step, all ranks together")
     a("--micro", type=int, help="microbatches per rank per step (gradient accumulation); each packs "
@@ -118,12 +143,18 @@ def get_args(argv=None):
     a("--threads", type=int, default=1, help="CPU threads per rank (more only help on an idle machine "
       "with wide models: with busy cores, spinning threads slow a step down several times)")
     a("--variant", default=None, help="dense | moe | ngram: the ngram-vs-moe comparison's three models")
+    a("--max-skips", type=int, default=3, help="stop with an error after this many steps in a row "
+      "skipped for a non-finite loss or gradient norm (a diverged run)")
+    a("--pg-timeout", type=float, default=300.0, help="seconds a rank waits in a collective before "
+      "the job stops with an error naming the step (a stalled rank); longer than any step")
     a("--crash-at-step", type=int, default=0, help="fault injection: the last rank exits at this "
       "step once (a marker file in --out stops it repeating after a restart)")
+    a("--stall-at-step", type=int, default=0, help="fault injection: the last rank hangs at this step "
+      "(alive but silent), until --pg-timeout ends the job")
     g = p.add_argument_group("model (GPTConfig fields; default from the preset, else GPTConfig)")
     for f in dataclasses.fields(GPTConfig):
         kind = type(f.default) if f.default is not dataclasses.MISSING else str
-        conv = (lambda s: s.lower() in ("1", "true", "yes")) if kind is bool else kind
+        conv = to_bool if kind is bool else kind
         g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv, default=None)
     args = p.parse_args(argv)
     args.preset = args.preset or ("gpu" if torch.cuda.is_available() and args.device != "cpu" else "cpu-quick")
@@ -136,23 +167,50 @@ def get_args(argv=None):
     return args
 
 
+def check_args(args):
+    """Every flag checked before anything is read or written. Non-finite numbers are refused
+    everywhere: one NaN learning rate or weight decay silently turns every weight into NaN."""
+    for k, v in vars(args).items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"--{k.replace('_', '-')} {v}: must be a finite number")
+    rules = [  # (flag, ok, what it must be)
+        ("balance", args.balance in BALANCE, f"choose one of {', '.join(BALANCE)}"),
+        ("anchor", args.anchor in ("mean", "min", "max"), "choose mean, min or max"),
+        ("correction", args.correction in ("on", "off"), "choose on or off"),
+        ("device", args.device in ("auto", "cpu", "cuda"), "choose auto, cpu or cuda"),
+        ("variant", args.variant in (None, "dense", "moe", "ngram"), "choose dense, moe or ngram"),
+        ("lr", args.lr > 0, "must be > 0"),
+        ("min_lr_frac", 0 <= args.min_lr_frac <= 1, "must be in [0, 1]"),
+        ("weight_decay", args.weight_decay >= 0, "must be >= 0"),
+        ("grad_clip", args.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
+        ("p", 0 <= args.p < 1, "must be in [0, 1)"),
+        ("passkey_frac", 0 <= args.passkey_frac <= 1, "must be in [0, 1]"),
+        ("val_frac", 0 < args.val_frac < 1, "must be in (0, 1)"),
+        ("batch_size", 1 <= args.batch_size <= MAX_BATCH, f"must be in [1, {MAX_BATCH}]"),
+        ("length_bias", args.length_bias >= 0, "must be >= 0 (0 = uniform, 1 = in proportion to length)"),
+        ("rope_base", args.rope_base is None or args.rope_base > 0, "must be > 0"),
+        ("pg_timeout", args.pg_timeout > 0, "must be > 0 seconds"),
+    ]
+    rules += [(k, getattr(args, k) >= 1, "must be at least 1")
+              for k in ("steps", "eval_every", "eval_samples", "threads", "max_skips")]
+    rules += [(k, getattr(args, k) >= 0, "must be at least 0")
+              for k in ("micro", "warmup", "ckpt_every", "crash_at_step", "stall_at_step")]
+    for k, ok, what in rules:
+        if not ok:
+            raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)!r}: {what}")
+
+
 def build_config(args):
     """GPTConfig from preset + flags (+ the ngram-vs-moe variant), validated with clear errors."""
-    if args.balance not in BALANCE:
-        raise ValueError(f"--balance {args.balance!r}: choose one of {', '.join(BALANCE)}")
-    if args.anchor not in ("mean", "min", "max") or args.correction not in ("on", "off"):
-        raise ValueError(f"--anchor {args.anchor!r} / --correction {args.correction!r}: choose "
-                         "mean, min or max / on or off")
-    if not 0 <= args.p < 1 or not 0 <= args.passkey_frac <= 1 or not 0 < args.val_frac < 1:
-        raise ValueError("--p must be in [0, 1), --passkey-frac in [0, 1], --val-frac in (0, 1)")
-    if args.batch_size < 1 or args.micro < 0 or args.steps < 1:
-        raise ValueError("--batch-size and --steps must be at least 1, --micro at least 0")
+    check_args(args)
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(GPTConfig) if getattr(args, f.name) is not None}
     if kw.get("max_seq_len", 1) % kw.get("attn_block", 1):
         raise ValueError(f"max_seq_len={kw['max_seq_len']} must be a multiple of attn_block="
                          f"{kw['attn_block']}: change --max-seq-len or --attn-block")
-    if args.variant not in (None, "dense", "moe", "ngram"):
-        raise ValueError(f"--variant {args.variant!r}: choose dense, moe or ngram")
+    shortest = len(passkey_sample(np.random.default_rng(0), [], 0)[0]) - 1  # needle + question + key
+    if args.passkey_frac > 0 and kw.get("max_seq_len", GPTConfig.max_seq_len) < shortest:
+        raise ValueError(f"--passkey-frac needs max_seq_len >= {shortest} (a passkey document's "
+                         "shortest length): raise --max-seq-len or pass --passkey-frac 0")
     if args.variant:
         # model.py's COMPARE at any width: a dense SwiGLU FFN of hidden h; 4 experts of hidden h/2
         # routed top-2 = the same active parameters; N-gram tables holding the MoE's extra
@@ -175,23 +233,31 @@ def build_config(args):
 # ------------------------------------------------------------------------------------------------
 # Data: documents -> samples (chunks) -> microbatches (rows packed with documents)
 
-def text_files(root):
-    """Every file under a --data directory, in sorted order, hidden files and folders skipped."""
-    paths = []
+def text_files(root, note=print):
+    """Every regular file under a --data directory, in sorted order, hidden files and folders
+    skipped. Only regular files: opening a FIFO (or socket, device) would block or fail. `note`
+    reports how many entries were skipped for that."""
+    paths, skipped = [], 0
     for d, dirs, files in os.walk(root):
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        paths += [os.path.join(d, f) for f in sorted(files) if not f.startswith(".")]
+        found = [os.path.join(d, f) for f in sorted(files) if not f.startswith(".")]
+        regular = [f for f in found if os.path.isfile(f)]  # regular files, or links to them
+        paths, skipped = paths + regular, skipped + len(found) - len(regular)
+    if skipped:
+        note(f"--data {root}: skipped {skipped} entries that are not regular files (FIFOs, sockets, devices)")
     return paths
 
 
-def load_documents(path, val_frac, max_seq_len):
+def load_documents(path, val_frac, max_seq_len, note=print):
     """Read the corpus and split it by a hash of each document's name, which is stable across
     machines and Python versions (unlike positions or `hash()`). -> (train, val): lists of 1-D uint16
     arrays ending in EOS."""
     named = []  # (name, array)
+    if path is not None and os.path.exists(path) and not (os.path.isdir(path) or os.path.isfile(path)):
+        raise ValueError(f"--data {path}: not a regular file or directory (a FIFO, socket or device?)")
     if path is None or os.path.isdir(path):
         root = path or stdlib_root()
-        for f in stdlib_files() if path is None else text_files(path):
+        for f in stdlib_files() if path is None else text_files(path, note):
             with open(f, "rb") as fh:
                 b = fh.read()
             if b and b"\0" not in b[:4096]:  # skip empty and binary files
@@ -199,6 +265,9 @@ def load_documents(path, val_frac, max_seq_len):
         named = [(n, np.append(a.astype(np.uint16), EOS)) for n, a in named]
     elif os.path.isfile(path):
         if path.endswith(".bin"):  # nanoGPT-style uint16 tokens; documents end at EOS if it occurs
+            if os.path.getsize(path) % 2:
+                raise ValueError(f"--data {path}: {os.path.getsize(path)} bytes, an odd count, so not "
+                                 "uint16 tokens (truncated?); write 2 bytes per token")
             toks = np.fromfile(path, dtype=np.uint16)
             ends = np.flatnonzero(toks == EOS) + 1
             parts = np.split(toks, ends) if len(ends) else np.array_split(toks, max(1, len(toks) // max_seq_len))
@@ -260,8 +329,10 @@ def make_microbatch(samples, block, device):
 # ------------------------------------------------------------------------------------------------
 # Distributed helpers, checkpoints
 
-def setup_distributed(device_arg):
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them this is a single process."""
+def setup_distributed(device_arg, timeout_s=300.0):
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them this is a single process. A collective
+    that waits longer than timeout_s raises (gloo) or aborts (NCCL) instead of hanging for the
+    default 30 minutes: a stalled rank is otherwise silent."""
     use_cuda = torch.cuda.is_available() and device_arg != "cpu"
     if device_arg == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
@@ -275,7 +346,8 @@ def setup_distributed(device_arg):
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
         dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world,
-                                device_id=device if use_cuda else None)
+                                device_id=device if use_cuda else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return rank, local, world, device
 
 
@@ -291,10 +363,82 @@ def all_gather_row(values, world, device):
 
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: os.replace is atomic, so a crash mid-write leaves the
-    previous checkpoint intact, never a truncated one."""
+    previous checkpoint intact, never a truncated one. A failed write (a full disk) removes the
+    temporary file and says so."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise TrainingError(f"{path}: writing the checkpoint failed ({e}); the previous one is intact: "
+                            "free disk space or choose another --out, then --resume") from None
+
+
+CKPT_KEYS = ("model", "optimizer", "step", "rng", "sab_state", "correction", "config", "train_config")
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: tensors and plain values only, so a crafted file cannot run
+    code (an explicit weights_only=True also overrides TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD). Anything
+    that is not a train.py checkpoint is a one-line error naming the file."""
+    fix = "move it away to start fresh, or choose another --out"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, random bytes, or objects a safe load refuses
+        raise ValueError(f"{path}: not a loadable checkpoint (empty, truncated, corrupt, or holding "
+                         f"objects a weights-only load refuses: {type(e).__name__}): {fix}") from None
+    missing = [k for k in CKPT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CKPT_KEYS)
+    if missing or not all(isinstance(ckpt[k], dict) for k in ("model", "config", "train_config")):
+        raise ValueError(f"{path}: not a train.py checkpoint (missing or malformed: "
+                         f"{', '.join(missing) or 'model, config or train_config'}): {fix}")
+    return ckpt
+
+
+def lock_out(out):
+    """Claim --out for this run (rank 0): two runs on one --out would overwrite each other's
+    checkpoint. OUT/lock records the owner's pid, host and torchrun run id; it is stale, and taken
+    over, when that process is gone (a crash, SIGKILL), is this very process (an earlier main() in
+    it), or is an earlier attempt of this same torchrun job (--max-restarts). -> the lock's path."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file: choose a directory")
+    path = os.path.join(out, "lock")
+    me = dict(pid=os.getpid(), host=socket.gethostname(), run=os.environ.get("TORCHELASTIC_RUN_ID"))
+    for _ in range(3):
+        try:
+            os.makedirs(out, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one creator wins
+        except FileExistsError:
+            try:
+                owner = json.load(open(path))
+            except (OSError, ValueError):
+                owner = {}  # being written right now, or damaged: treat as held
+            restart = owner.get("run") is not None and owner["run"] == me["run"]
+            here = owner.get("host") == me["host"]
+            if not (restart or here and (owner.get("pid") == me["pid"] or not pid_alive(owner.get("pid")))):
+                raise ValueError(f"--out {out} is in use by process {owner.get('pid')} on {owner.get('host')} "
+                                 f"({path}): wait for it or choose another --out; delete {path} if no run "
+                                 "uses it") from None
+            with suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot write there ({e.strerror}): choose a writable directory") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return path
+    raise ValueError(f"--out {out}: another run keeps taking {path}: choose another --out")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)  # signal 0: only checks that the process exists
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def rng_state():
@@ -446,27 +590,38 @@ def step(model, params, samples, plan_r, budgets, n_global, world, device, ctx):
 def main(argv=None):
     args = get_args(argv)
     cfg = build_config(args)
-    rank, local_rank, world, device = setup_distributed(args.device)
+    rank, local_rank, world, device = setup_distributed(args.device, args.pg_timeout)
     master = rank == 0
     print0 = (lambda *a: tqdm.write(" ".join(map(str, a)))) if master else (lambda *a: None)
     torch.set_num_threads(args.threads)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # Everything that can fail on bad input fails here, before a checkpoint is touched.
-    train_docs, val_docs = load_documents(args.data, args.val_frac, cfg.max_seq_len)
+    train_docs, val_docs = load_documents(args.data, args.val_frac, cfg.max_seq_len, note=print0)
+    top = max(int(d.max()) for d in train_docs + val_docs)
+    if top >= cfg.vocab_size:
+        raise ValueError(f"--vocab-size {cfg.vocab_size}: the data holds token ids up to {top}; use at least {top + 1}")
     train, val = chunk(train_docs, cfg.max_seq_len), chunk(val_docs, cfg.max_seq_len)
     val = [val[i] for i in np.linspace(0, len(val) - 1, min(args.eval_samples, len(val))).astype(int)]
+    lock = lock_out(args.out) if master else None  # one run per --out
     ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if master and os.path.exists(ckpt_path + ".tmp"):
+        os.remove(ckpt_path + ".tmp")  # a crash mid-write left it; we hold the lock, nobody writes it
     ckpt = None
     if os.path.exists(ckpt_path):
         if not args.resume:
             raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
-        ckpt = torch.load(ckpt_path, map_location="cpu")
+        ckpt = read_checkpoint(ckpt_path)
+        def flag(d, k):  # the data path is compared normalised: DIR/ equals DIR, links resolved
+            return os.path.realpath(d[k]) if k == "data" and d.get(k) else d.get(k)
         bad = [k for k, v in dataclasses.asdict(cfg).items() if ckpt["config"].get(k) != v]
-        bad += [k for k in MUST_MATCH if ckpt["train_config"].get(k) != getattr(args, k)]
-        if bad:
-            raise ValueError(f"{ckpt_path} was written with a different config ({', '.join(bad)} differ): "
-                             "use the same flags to resume, or another --out for a new run")
+        bad += [k for k in ckpt["config"] if not hasattr(cfg, k)]  # a field this GPTConfig lacks
+        flags = [] if args.allow_changes else [
+            "--" + k.replace("_", "-") for k in MUST_MATCH if flag(ckpt["train_config"], k) != flag(vars(args), k)]
+        if bad or flags:
+            raise ValueError(f"{ckpt_path}: written with a different config ({', '.join(bad + flags)} differ): "
+                             "use the same flags to continue it exactly" + (", --allow-changes to continue it "
+                             "with the new ones" if not bad else "") + ", or another --out for a new run")
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = GPT(cfg).to(device)
@@ -489,20 +644,36 @@ def main(argv=None):
             dist.barrier()
         cost = CostModel.load(cost_file)
     elif os.path.isfile(args.cost_model):
-        cost = CostModel.load(args.cost_model)
+        try:
+            cost = CostModel.load(args.cost_model)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"--cost-model {args.cost_model}: not a cost table ({type(e).__name__}: {e}); "
+                             "write one with python balance.py --profile PATH") from None
     else:
         raise FileNotFoundError(f"--cost-model {args.cost_model}: not analytic, profile or a JSON file")
-    start = 0
+    if cost.block_size != cfg.attn_block:
+        raise ValueError(f"--cost-model {args.cost_model}: profiled for blocks of {cost.block_size}, "
+                         f"the model uses {cfg.attn_block}: profile it again with --block-size {cfg.attn_block}")
+    weights_ok = lambda: bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in params])))
+    start = saved = 0  # saved: the step the checkpoint on disk holds
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        ema, start = SABState.from_state_dict(ckpt["sab_state"]), ckpt["step"]
-        if len(ckpt["correction"]["factors"]) == world:  # a new world size starts it afresh
-            corr.factors, corr.steps = list(ckpt["correction"]["factors"]), ckpt["correction"]["steps"]
-        set_rng_state(ckpt["rng"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            ema, start = SABState.from_state_dict(ckpt["sab_state"]), int(ckpt["step"])
+            if len(ckpt["correction"]["factors"]) == world:  # a new world size starts it afresh
+                corr.factors, corr.steps = list(ckpt["correction"]["factors"]), ckpt["correction"]["steps"]
+            set_rng_state(ckpt["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise ValueError(f"{ckpt_path}: its contents do not fit this model and optimizer "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:240]}): move it away "
+                             "to start fresh, or choose another --out") from None
+        if not weights_ok():
+            raise ValueError(f"{ckpt_path}: holds non-finite weights (written by a diverged run): "
+                             "move it away to start fresh, or resume an earlier copy")
+        saved = start
         print0(f"resumed {ckpt_path} at step {start}")
     if master:
-        os.makedirs(args.out, exist_ok=True)
         resolved = {"train": vars(args), "model": dataclasses.asdict(cfg), "world_size": world,
                     "params": model.num_params(), "active_params": model.num_params(active=True),
                     "train_samples": len(train), "val_samples": len(val)}
@@ -515,7 +686,19 @@ def main(argv=None):
             log.write(json.dumps(d) + "\n")
             log.flush()
 
+    def kept():  # what the error messages of a stopped run say about the checkpoint
+        return f"{ckpt_path} " + (f"still holds step {saved}: --resume from there" if saved else "was never written")
+
     def checkpoint(s):
+        nonlocal saved
+        # Never replace a good checkpoint with a diverged model: the weights must give finite
+        # logits on a validation sample (every rank checks, so all stop together).
+        x, _, _, cu = make_microbatch(val[:1], cfg.attn_block, device)
+        with torch.no_grad(), ctx:
+            ok = all_gather_row([float(torch.isfinite(model(x, cu_seqlens=cu)[0]).all())], world, device)
+        if not ok.all():
+            raise TrainingError(f"step {s}: the weights give non-finite outputs (diverged; lower --lr?): "
+                                f"no checkpoint written; {kept()}")
         if master:
             # `step` is also the data position: step s's samples come from default_rng([seed, s]).
             save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=opt.state_dict(), step=s,
@@ -523,17 +706,24 @@ def main(argv=None):
                                             correction=dict(factors=corr.factors, steps=corr.steps), config=dataclasses.asdict(cfg), train_config=vars(args)))
         if world > 1:
             dist.barrier()  # the checkpoint is complete before any rank moves on (or dies)
+        saved = s
 
     lr_min = args.lr * args.min_lr_frac
-    draw = np.array([len(x) for x in train], float) ** args.length_bias
+    lens = np.array([len(x) for x in train], float)
+    draw = (lens / lens.max()) ** args.length_bias  # divided by the longest: no overflow at any bias
     draw /= draw.sum()  # sampling probabilities (--length-bias)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, dynamic_ncols=True)
-    for s in bar:
+    skips = 0  # steps skipped in a row
+
+    def train_step(s):
+        nonlocal skips
         if s + 1 == args.crash_at_step and rank == world - 1:
             marker = os.path.join(args.out, f"crashed_at_{s + 1}")
             if not os.path.exists(marker):
                 open(marker, "w").close()
                 os.kill(os.getpid(), 9)  # SIGKILL: what a lost node looks like to torchrun
+        if s + 1 == args.stall_at_step and rank == world - 1:
+            time.sleep(10 ** 6)  # alive but silent: the other ranks wait in this step's first collective
         t_step = time.perf_counter()
         # lr: linear warmup, then cosine down to lr_min at the last step
         frac = (s - args.warmup) / max(1, args.steps - args.warmup)
@@ -564,10 +754,17 @@ def main(argv=None):
         times = gathered[:, 1]
         norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         skipped = not (math.isfinite(loss) and torch.isfinite(norm))  # same on every rank: same grads
+        skips = skips + 1 if skipped else 0
         if skipped:
             print0(f"step {s + 1}: non-finite loss {loss} or grad norm {norm.item()}; update skipped")
+            if skips >= args.max_skips:  # not a transient NaN: the weights themselves are broken
+                raise TrainingError(f"step {s + 1}: {skips} steps in a row had a non-finite loss or "
+                                    f"gradient norm (diverged; lower --lr?); {kept()}")
         else:
             opt.step()
+            if not weights_ok():  # a huge lr or weight decay: the weights overflow in one update
+                raise TrainingError(f"step {s + 1}: the update left non-finite weights (diverged; "
+                                    f"--lr {lr:g} too high?); {kept()}")
         opt.zero_grad(set_to_none=True)
 
         # Measured balance, fed back into SAB's budget estimates and the cost model's correction.
@@ -593,12 +790,23 @@ def main(argv=None):
         if (args.ckpt_every and (s + 1) % args.ckpt_every == 0) or s + 1 == args.steps:
             checkpoint(s + 1)
 
+    for s in bar:
+        try:
+            train_step(s)
+        except RuntimeError as e:  # gloo raises when a collective waits longer than --pg-timeout
+            if world == 1 or "timed out" not in str(e).lower():
+                raise
+            raise TrainingError(f"step {s + 1}: rank {rank} waited more than --pg-timeout {args.pg_timeout:g} s "
+                                f"for the other ranks (one stalled or died); {kept()}") from None
+
     # Replicas must agree bit for bit; a silent divergence is the nastiest data-parallel bug.
     sums = all_gather_row([sum(p.double().sum().item() for p in params)], world, device)[:, 0]
     record(dict(step=args.steps, replica_max_diff=(sums.max() - sums.min()).item()))
     bar.close()
     if log:
         log.close()
+    if lock:
+        os.remove(lock)
     if dist.is_initialized():
         dist.barrier()  # no rank tears down gloo while another is still in its last collective
         dist.destroy_process_group()
@@ -607,5 +815,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message says what to change
+    except (ValueError, OSError, TrainingError) as e:  # the message says what to change
         sys.exit(f"train.py: error: {e}")

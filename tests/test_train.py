@@ -110,13 +110,14 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     train.save_checkpoint(path, {"step": 1})
     before = sha(path)
 
-    def broken_save(obj, f):
+    def broken_save(obj, f):  # what torch.save does on a full disk: a partial file, then an error
         open(f, "wb").write(b"partial")
-        raise OSError("disk full")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(train.TrainingError, match="writing the checkpoint failed.*previous one is intact"):
         train.save_checkpoint(path, {"step": 2})
-    assert sha(path) == before and torch.load(path)["step"] == 1
+    assert sha(path) == before and torch.load(path, weights_only=True)["step"] == 1
+    assert not os.path.exists(path + ".tmp")  # the partial file is removed, not left behind
 
 
 # ---------------------------------------------------------------------------------- runs
