@@ -53,8 +53,9 @@ def check_sampling(temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
-def check_prompt(model, idx, max_new_tokens, batch_one=False):
-    """The prompt plus the new tokens must fit the model's context (the KV cache has that size)."""
+def check_prompt(model, idx, max_new_tokens, batch_one=False, name="model"):
+    """The prompt plus the new tokens must fit the model's context (the KV cache has that size).
+    `name` says which model an error is about (the target or the draft model)."""
     if not (torch.is_tensor(idx) and idx.dim() == 2 and idx.dtype == torch.long and idx.size(1) >= 1):
         raise ValueError("idx must be a LongTensor [B, T] with T >= 1 (encode the prompt first)")
     if batch_one and idx.size(0) != 1:
@@ -66,11 +67,11 @@ def check_prompt(model, idx, max_new_tokens, batch_one=False):
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ctx = model.config.max_seq_len
     if idx.size(1) >= ctx:
-        raise ValueError(f"prompt has {idx.size(1)} tokens but the model's context is {ctx}; "
+        raise ValueError(f"prompt has {idx.size(1)} tokens but the {name}'s context is {ctx}; "
                          f"shorten the prompt to at most {ctx - 1} tokens")
     if idx.size(1) + max_new_tokens > ctx:
         raise ValueError(f"prompt ({idx.size(1)}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's context {ctx}; use max_new_tokens <= {ctx - idx.size(1)}")
+                         f"{name}'s context {ctx}; use max_new_tokens <= {ctx - idx.size(1)}")
 
 
 def ngram_embedding(model):
@@ -283,12 +284,13 @@ def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperatur
     as `generate`'s (greedy: identical tokens). Returns (tokens [1, T + n], stats).
     """
     check_sampling(temperature, top_k, top_p)
-    check_prompt(target, idx, max_new_tokens, batch_one=True)
+    check_prompt(target, idx, max_new_tokens, batch_one=True, name="target")
     if not (isinstance(gamma, int) and gamma >= 1):
         raise ValueError(f"gamma (draft tokens per round) must be an int >= 1, got {gamma}")
+    gamma = min(gamma, max_new_tokens)  # never more drafts than tokens wanted (nor a huge histogram)
     drafter = NgramDrafter(target) if draft == "ngram" else ModelDrafter(draft, target)
     if draft != "ngram":
-        check_prompt(draft, idx, max_new_tokens, batch_one=True)
+        check_prompt(draft, idx, max_new_tokens, batch_one=True, name="draft model")
     emb = ngram_embedding(target)
     probs = lambda logits: logits_to_probs(logits, temperature, top_k, top_p)  # noqa: E731
     t0 = time.perf_counter()
@@ -438,8 +440,26 @@ def bench(target, draft, prompts, max_new_tokens, gammas=(2, 4, 6), temperature=
 # Command line
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # a bad flag is one line and exit status 1, like every other bad input
+        raise ValueError(message)
+
+
+def check_device(name):
+    """--device: cpu, cuda or cuda:N, and CUDA only where a CUDA device is visible."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: choose cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: {torch.cuda.device_count()} CUDA device(s) visible; use --device cpu")
+    return device
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="target checkpoint written by train.py")
     ap.add_argument("--prompt", default=None, help="text to continue (UTF-8 bytes are the tokens); "
                     "default 'def ', or for --bench a few prompts from the default corpus")
@@ -461,9 +481,16 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0 = torch's default); 1 is fastest for tiny models on a busy CPU")
     args = ap.parse_args(argv)
+    for k in ("max_new_tokens", "gamma", "bench_repeats", "bench_prompts"):
+        if getattr(args, k) < 1:
+            raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    if args.prompt == "":
+        raise ValueError("--prompt '': give at least one character (or leave --prompt out)")
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads}: must be >= 0 (0 = torch's default)")
     if args.threads:
         torch.set_num_threads(args.threads)
-
+    check_device(args.device)
     check_sampling(args.temperature, args.top_k, args.top_p)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     target = load_model(args.ckpt, args.device)
@@ -481,6 +508,10 @@ def main(argv=None):
     if args.draft == "ngram":
         NgramDrafter(target)  # checks the draft head now
     idx = encode("def " if args.prompt is None else args.prompt).to(args.device)
+    # Every check before the first byte is streamed: an error must not follow half an output.
+    check_prompt(target, idx, args.max_new_tokens, name="target")
+    if draft is not None:
+        check_prompt(draft, idx, args.max_new_tokens, name="draft model")
     eos = target.config.eos_id if args.stop_at_eos else None
 
     def stream(tokens):  # bytes as they are produced; the end-of-document id prints nothing
@@ -499,7 +530,7 @@ def main(argv=None):
         print()
         print(f"{st['tokens_per_s']:.1f} tokens/s, acceptance {st['acceptance']:.2f}, "
               f"{st['mean_accepted']:.2f} drafts kept per round; histogram of drafts kept per "
-              f"round (0..{args.gamma}): {format_hist(st['hist'])}", file=sys.stderr)
+              f"round (0..{len(st['hist']) - 1}): {format_hist(st['hist'])}", file=sys.stderr)
 
 
 if __name__ == "__main__":

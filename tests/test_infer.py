@@ -265,3 +265,29 @@ def test_cli_generate_and_bench(tmp_path, capsysbinary):
     infer.main(["--bench", "--ckpt", t, "--draft-ckpt", d, "--max-new-tokens", "8", "--prompt", "ab"])
     table = capsysbinary.readouterr().out.decode()
     assert table.count("gamma") == 6 and "NO" not in table
+
+
+def test_cli_bad_inputs_fail_in_one_line_before_any_output(tmp_path, capsysbinary):
+    """Every flag and the prompt are checked before the prompt is streamed; context errors name
+    the model whose context is too short."""
+    target, small = tiny(0), tiny(1, max_seq_len=32, ngram_n=0, ngram_draft_head=False)
+    for name, m in (("t.pt", target), ("d.pt", small)):
+        torch.save({"model": m.state_dict(), "config": asdict(m.config)}, tmp_path / name)
+    t, d = str(tmp_path / "t.pt"), str(tmp_path / "d.pt")
+    bad = [(["--device", "foo"], "--device 'foo'"),
+           (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device\\(s\\) visible"),
+           (["--bench", "--bench-prompts", "0"], "--bench-prompts 0"),
+           (["--bench", "--bench-repeats", "0"], "--bench-repeats 0"),
+           (["--draft", "ngram", "--gamma", "0"], "--gamma 0"), (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+           (["--threads", "-1"], "--threads -1"), (["--top-k", "two"], "--top-k: invalid int"),
+           (["--prompt", "x" * 70], "the target's context is 64"),
+           (["--max-new-tokens", "40", "--draft", "model", "--draft-ckpt", d], "the draft model's context 32")]
+    for flags, msg in bad:
+        with pytest.raises(ValueError, match=msg) as e:
+            infer.main(["--ckpt", t, *flags])
+        assert "\n" not in str(e.value) and capsysbinary.readouterr().out == b"", flags
+
+
+def test_huge_gamma_is_clamped_to_max_new_tokens():
+    out, st = speculative_generate(tiny(0), "ngram", torch.tensor([[1, 2, 3]]), 5, gamma=10**12)
+    assert out.size(1) == 8 and len(st["hist"]) == 6  # drafts per round: 0..5
