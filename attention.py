@@ -9,14 +9,15 @@ and attends to its own block i (always, causally) plus the `budget - 1` best ear
 to the lower j). Every block j < i ends before t, so nothing at t depends on a later position: the
 model is causal by construction. `budget >= i + 1` is plain causal attention.
 
-The layout is data you can print: per token, the ascending list of the blocks it attends to and a
-count. One head, 5 tokens of a document, block 2, budget 2 (own block + the best earlier one):
-    block_idx[b, h] = [[0, -1],       block_cnt[b, h] = [1, 1, 2, 2, 2]
-                       [0, -1],
-                       [0,  1],       <- token 2 (block 1): block 0 is the only earlier block
-                       [0,  1],
-                       [1,  2]]       <- token 4 (block 2) chose block 1 over block 0
-The own block is always the last entry; padding is -1.
+The layout is data you can print: per token, the ascending list of the blocks it attends to
+(padded with -1) and a count. Two documents of 48 and 32 tokens in one row, block 16, budget 2
+(the token's own block plus its best earlier one):
+    >>> torch.manual_seed(0); q, k = torch.randn(2, 1, 1, 80, 16)
+    >>> sel = select_blocks(q, k, 2, torch.tensor([0, 48, 80]), block_size=16)
+    >>> [(t, sel.block_idx[0, 0, t].tolist()) for t in (0, 20, 32, 33, 48, 79)]
+    [(0, [0, -1]), (20, [0, 1]), (32, [1, 2]), (33, [0, 2]), (48, [3, -1]), (79, [3, 4])]
+Tokens 32 and 33 share block 2 but route on their own (block 1 vs block 0); token 48 starts the
+second document and sees only its own block. The own block is always the last entry.
 
 Coverage and the floor (SparseBalance, DST's quality floor). For each token, the softmax of its
 earlier blocks' scores (scale 1/sqrt(D)) gives each block a share of routing mass; C(k) is the
@@ -48,8 +49,9 @@ order, so gradients are bitwise reproducible.
                                                                        dk += ds^T q; dq_pair = ds k_j
 
 On CPU, `attention_torch` runs the same tiles through PyTorch's fused CPU flash-attention kernel
-(own blocks directly, causal, without a gather). `attention_reference` is the naive twin: per
-document, the token-level mask built in a loop and a dense masked softmax in fp32.
+(own blocks directly, causal, without a gather). `moba_naive` is the obviously correct twin of
+gate + attention (a loop over documents, a dense masked softmax in fp32), checked against MoBA's
+own reference; `attention_reference` (impl="reference") is a dense mask built from a layout.
 
     python attention.py --bench        # speed table (CPU: torch path; CUDA: Triton, FlexAttention)
     python attention.py --check        # CUDA: Triton against the twin in bf16/fp16, reruns bitwise
@@ -141,10 +143,38 @@ def _budgets(topk, S, device, name="topk"):
 
 
 # ------------------------------------------------------------------------------ naive twin
+def moba_naive(q, k, v, topk, cu_seqlens=None, block_size=64):
+    """The obviously correct twin of gate + attention, one document at a time, in fp32 (fp64 if
+    given): score every earlier block by q_t . mean(K_j), keep the best budget - 1 (a stable sort:
+    ties to the lower block) and the token's own block, then a dense masked softmax. Slow; every
+    other implementation is tested against it, and it against MoBA's own reference."""
+    B, H, T, D = q.shape
+    f = torch.promote_types(q.dtype, torch.float32)
+    cu = [r * T for r in range(B + 1)] if cu_seqlens is None else torch.as_tensor(cu_seqlens).tolist()
+    budgets = _budgets(topk, len(cu) - 1, "cpu").tolist()
+    out = torch.zeros(B, H, T, D, dtype=f, device=q.device)
+    for (a, e), budget in zip(zip(cu, cu[1:]), budgets):
+        b, a, e = a // T, a % T, (e - 1) % T + 1                           # row, row-local span
+        qd, kd, vd = (x[b, :, a:e].to(f) for x in (q, k, v))              # [H, n, D]
+        n = e - a
+        blk = torch.arange(n, device=q.device) // block_size              # block of each token
+        j = torch.arange(n // block_size, device=q.device)                # block of each key block
+        means = kd.unflatten(1, (n // block_size, block_size)).mean(2)    # [H, nb, D]
+        score = (qd @ means.transpose(-1, -2)).masked_fill(j >= blk[:, None], float("-inf"))
+        best = score.sort(dim=-1, descending=True, stable=True).indices[..., :budget - 1]
+        keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, best, True)
+        keep &= score > float("-inf")                                     # only earlier blocks
+        keep |= j == blk[:, None]                                         # and its own block
+        mask = keep.repeat_interleave(block_size, -1) & torch.ones(n, n, dtype=torch.bool,
+                                                                   device=q.device).tril()
+        s = (qd @ kd.transpose(-1, -2) / math.sqrt(D)).masked_fill(~mask, float("-inf"))
+        out[b, :, a:e] = torch.softmax(s, -1) @ vd
+    return out.to(q.dtype)
+
+
 def attention_reference(q, k, v, block_idx, block_cnt, block_size):
-    """Obviously correct twin: per token, a dense mask of the key positions its blocks cover
-    (causal inside its own block), then softmax in fp32 (fp64 if given). Every other impl is
-    tested against this, and this against MoBA's own reference (tests/fixtures)."""
+    """The layout as a dense token mask (causal in each token's own block), softmax in fp32 (fp64
+    if given): `impl="reference"`, the plain-torch twin of the kernels for a given layout."""
     B, H, T, D = q.shape
     KMAX = block_idx.shape[-1]
     mask = torch.zeros(B, H, T, T // block_size + 1, dtype=torch.bool, device=q.device)
@@ -611,9 +641,10 @@ def budget_for_density(nq, density):
 
 
 def timed(fns, reps, cuda=False):
-    """Best-of-`reps` milliseconds of each function, calling them in turn so that they share the
-    same machine load (noise on a shared machine only adds time); on CUDA after one warm-up call
-    each, which also compiles the kernels."""
+    """Best-of-`reps` (wall ms, CPU ms) of each function, calling them in turn so that they share
+    the same machine load. CPU ms is this process's CPU time (all its threads): unlike wall time
+    on a shared machine it does not grow when other jobs take the cores. On CUDA: event timing
+    after one warm-up call each (which also compiles the kernels), and CPU ms is None."""
     times = [[] for _ in fns]
     for rep in range(reps + cuda):
         for fn, t in zip(fns, times):
@@ -623,12 +654,12 @@ def timed(fns, reps, cuda=False):
                 fn()
                 end.record()
                 torch.cuda.synchronize()
-                t.append(start.elapsed_time(end) if rep else float("inf"))
+                t.append((start.elapsed_time(end), None) if rep else (float("inf"), None))
             else:
-                t0 = time.perf_counter()
+                w0, c0 = time.perf_counter(), time.process_time()
                 fn()
-                t.append(1e3 * (time.perf_counter() - t0))
-    return [min(t) for t in times]
+                t.append((1e3 * (time.perf_counter() - w0), 1e3 * (time.process_time() - c0)))
+    return [(min(w for w, _ in t), None if cuda else min(c for _, c in t)) for t in times]
 
 
 def _fwd_bwd(attend, q, k, v, g):
@@ -640,8 +671,8 @@ def _fwd_bwd(attend, q, k, v, g):
 
 
 def _union_over_pairs(sel, block_size):
-    """Key blocks a query-block-major design visits (the union of each block's 64 tokens'
-    choices) over the pair tiles this design runs, for the same layout."""
+    """Work of a query-block-major design (each query block visits the union of its tokens'
+    choices) over the work of the pair tiles, both in (query row x key block) units."""
     idx, cnt = sel.block_idx.cpu(), sel.block_cnt.cpu()
     B, H, T, KMAX = idx.shape
     NQ = T // block_size
@@ -653,7 +684,7 @@ def _union_over_pairs(sel, block_size):
     union = int(hit[..., :NQ].sum())
     tiles = len(_pair_tiles(idx.reshape(B * H, T, KMAX), cnt.reshape(B * H, T), NQ, TILE,
                             True).tkey)
-    return union / tiles
+    return union * block_size / (tiles * TILE)
 
 
 def bench(lengths, heads, dim, block, reps, densities=(1, 1 / 2, 1 / 4, 1 / 8, 1 / 16)):
@@ -665,9 +696,13 @@ def bench(lengths, heads, dim, block, reps, densities=(1, 1 / 2, 1 / 4, 1 / 8, 1
                                                                          "torch")
     print(f"device={dev} impl={impl} dtype={str(dtype)[6:]} B=1 H={heads} D={dim} block={block} "
           f"threads={torch.get_num_threads()}")
+    print("density: share of dense causal's (token, block) pairs; times: best of reps, gate "
+          "included in fwd and fwd+bwd; speedup = SDPA / sparse" + ("" if cuda else
+          " by wall time (cpu: by process CPU time)"))
     head = (f"{'T':>6} {'density':>7} {'budget':>6} {'gate ms':>8} {'fwd ms':>8} "
             f"{'fwd+bwd ms':>10} {'SDPA f+b':>9} {'speedup':>7} {'union/pairs':>11}")
-    print(head + (f" {'flex f+b':>8} {'vs flex':>7} {'peak GB':>7} {'SDPA GB':>7}" if cuda else ""))
+    print(head + (f" {'flex f+b':>8} {'vs flex':>7} {'peak GB':>7} {'SDPA GB':>7}" if cuda
+                  else f" {'cpu speedup':>11}"))
 
     def sdpa(a, b, c):
         if not cuda:
@@ -697,10 +732,10 @@ def bench(lengths, heads, dim, block, reps, densities=(1, 1 / 2, 1 / 4, 1 / 8, 1
                     return block_sparse_attention(a, b, c, s.block_idx, s.block_cnt, block, impl,
                                                   validate=False)
                 with torch.no_grad():
-                    gate, fwd = timed([lambda: select_blocks(q, k, kb, None, block),
-                                       lambda: attend(q, k, v)], reps, cuda)
-                fb, dense = timed([_fwd_bwd(attend, q, k, v, g), _fwd_bwd(sdpa, q, k, v, g)],
-                                  reps, cuda)
+                    (gate, _), (fwd, _) = timed([lambda: select_blocks(q, k, kb, None, block),
+                                                 lambda: attend(q, k, v)], reps, cuda)
+                (fb, fb_cpu), (dense, dense_cpu) = timed(
+                    [_fwd_bwd(attend, q, k, v, g), _fwd_bwd(sdpa, q, k, v, g)], reps, cuda)
                 pairs = int(sel.block_cnt.sum()) / (heads * T)               # blocks per token
                 line = (f"{T:>6} {pairs / ((nq + 1) / 2):>7.3f} {kb:>6} {gate:>8.2f} {fwd:>8.2f} "
                         f"{fb:>10.2f} {dense:>9.2f} {dense / fb:>6.2f}x "
@@ -711,9 +746,11 @@ def bench(lengths, heads, dim, block, reps, densities=(1, 1 / 2, 1 / 4, 1 / 8, 1
                     err = float((flex(q, k, v).float() - want.float()).abs().max())
                     if err > 2e-2:
                         raise RuntimeError(f"FlexAttention disagrees with the kernel: {err:.2e}")
-                    ffb, = timed([_fwd_bwd(flex, q, k, v, g)], reps, cuda)
+                    (ffb, _), = timed([_fwd_bwd(flex, q, k, v, g)], reps, cuda)
                     line += (f" {ffb:>8.2f} {ffb / fb:>6.2f}x {peak(_fwd_bwd(attend, q, k, v, g)):>7.2f}"
                              f" {peak(_fwd_bwd(sdpa, q, k, v, g)):>7.2f}")
+                else:
+                    line += f" {dense_cpu / fb_cpu:>10.2f}x"
                 print(line, flush=True)
             except Exception as e:
                 print(f"{T:>6} density {density:.3f} failed: {type(e).__name__}: {str(e)[:200]}",

@@ -106,16 +106,38 @@ def test_ties_go_to_the_lower_block_even_across_topk_cut():
     assert torch.equal(sel.block_idx, A.select_blocks(q, k, 3, None, 16).block_idx)
 
 
-def test_moba_reference_fixture_twin_and_every_impl():
-    """The twin and every impl against MoBA's own naive reference (outputs and gradients)."""
+def _twin(q, k, v, do, topk, cu, bs):
+    """Output and gradients of the naive twin (moba_naive: its own gate, a loop over documents)."""
+    q, k, v = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = A.moba_naive(q, k, v, topk, cu, bs)
+    o.backward(do)
+    return [o.detach(), q.grad, k.grad, v.grad]
+
+
+def test_twin_and_every_impl_match_moba_reference_fixture():
+    """The twin, and the gate + every impl, against MoBA's own naive reference (tests/fixtures:
+    its outputs and gradients on random inputs, several documents and budgets)."""
     for case in torch.load(FIXTURES):
         bs = case["block_size"]
-        q, k, v, do = (case[n].permute(1, 0, 2)[None].float() for n in ("q", "k", "v", "grad_out"))
+        q, k, v, do = (case[n].permute(1, 0, 2)[None] for n in ("q", "k", "v", "grad_out"))
         cu = torch.tensor([0] + torch.tensor(case["lens"]).cumsum(0).tolist(), dtype=torch.int32)
-        sel = A.select_blocks(q, k, torch.tensor(case["budgets"]), cu, bs)
+        budgets = torch.tensor(case["budgets"])
         want = [case[n].permute(1, 0, 2)[None] for n in ("out", "dq", "dk", "dv")]
+        _close(_twin(q, k, v, do, budgets, cu, bs), want, 1e-5, 1e-6)            # float64
+        q, k, v, do = (x.float() for x in (q, k, v, do))
+        sel = A.select_blocks(q, k, budgets, cu, bs)
         for impl in ("reference", "torch", "triton"):
             _close(_run(impl, q, k, v, do, sel, bs), want, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("topk", [1, 3, 100, "per_seq"])
+def test_gate_and_reference_match_the_twin(name, topk):
+    B, H, T, D, bs, cu = LAYOUTS[name]
+    q, k, v, do = _inputs(B, H, T, D, seed=15)
+    topk = _budget(topk, _n_seq(B, cu))
+    sel = A.select_blocks(q, k, topk, _cu(cu), bs)
+    _close(_run("reference", q, k, v, do, sel, bs), _twin(q, k, v, do, topk, _cu(cu), bs), 1e-5, 1e-6)
 
 
 # ------------------------------------------------------------------------------ coverage, floor
@@ -363,4 +385,4 @@ def test_check_script_passes_on_tiny_cases():
 def test_bench_prints_every_row(capsys):
     A.bench([128], heads=1, dim=16, block=16, reps=1, densities=(1, 1 / 4))
     out = capsys.readouterr().out
-    assert "failed" not in out and len(out.strip().splitlines()) == 2 + 2   # header + 2 densities
+    assert "failed" not in out and len(out.strip().splitlines()) == 3 + 2   # header + 2 densities
