@@ -454,7 +454,8 @@ def check_device(name):
     if device is None or device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name!r}: choose cpu, cuda or cuda:N")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: {torch.cuda.device_count()} CUDA device(s) visible; use --device cpu")
+        raise ValueError(f"--device {name}: {torch.cuda.device_count()} CUDA device(s) visible; "
+                         "use --device cpu")
     return device
 
 

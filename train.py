@@ -424,7 +424,8 @@ def lock_out(out):
                 os.remove(path)
             continue
         except OSError as e:
-            raise ValueError(f"--out {out}: cannot write there ({e.strerror}): choose a writable directory") from None
+            raise ValueError(f"--out {out}: cannot write there ({e.strerror}): "
+                             "choose a writable directory") from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         return path
@@ -600,7 +601,8 @@ def main(argv=None):
     train_docs, val_docs = load_documents(args.data, args.val_frac, cfg.max_seq_len, note=print0)
     top = max(int(d.max()) for d in train_docs + val_docs)
     if top >= cfg.vocab_size:
-        raise ValueError(f"--vocab-size {cfg.vocab_size}: the data holds token ids up to {top}; use at least {top + 1}")
+        raise ValueError(f"--vocab-size {cfg.vocab_size}: the data holds token ids up to {top}; "
+                         f"use at least {top + 1}")
     train, val = chunk(train_docs, cfg.max_seq_len), chunk(val_docs, cfg.max_seq_len)
     val = [val[i] for i in np.linspace(0, len(val) - 1, min(args.eval_samples, len(val))).astype(int)]
     lock = lock_out(args.out) if master else None  # one run per --out
@@ -616,12 +618,12 @@ def main(argv=None):
             return os.path.realpath(d[k]) if k == "data" and d.get(k) else d.get(k)
         bad = [k for k, v in dataclasses.asdict(cfg).items() if ckpt["config"].get(k) != v]
         bad += [k for k in ckpt["config"] if not hasattr(cfg, k)]  # a field this GPTConfig lacks
-        flags = [] if args.allow_changes else [
-            "--" + k.replace("_", "-") for k in MUST_MATCH if flag(ckpt["train_config"], k) != flag(vars(args), k)]
+        flags = [] if args.allow_changes else ["--" + k.replace("_", "-") for k in MUST_MATCH
+                                               if flag(ckpt["train_config"], k) != flag(vars(args), k)]
         if bad or flags:
-            raise ValueError(f"{ckpt_path}: written with a different config ({', '.join(bad + flags)} differ): "
-                             "use the same flags to continue it exactly" + (", --allow-changes to continue it "
-                             "with the new ones" if not bad else "") + ", or another --out for a new run")
+            raise ValueError(f"{ckpt_path}: written with a different config ({', '.join(bad + flags)} "
+                             "differ): use the same flags to continue it exactly" + ("" if bad else
+                             ", --allow-changes to continue it with the new ones") + ", or another --out")
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = GPT(cfg).to(device)
@@ -652,8 +654,8 @@ def main(argv=None):
     else:
         raise FileNotFoundError(f"--cost-model {args.cost_model}: not analytic, profile or a JSON file")
     if cost.block_size != cfg.attn_block:
-        raise ValueError(f"--cost-model {args.cost_model}: profiled for blocks of {cost.block_size}, "
-                         f"the model uses {cfg.attn_block}: profile it again with --block-size {cfg.attn_block}")
+        raise ValueError(f"--cost-model {args.cost_model}: profiled for blocks of {cost.block_size}, the "
+                         f"model uses {cfg.attn_block}: profile it again with --block-size {cfg.attn_block}")
     weights_ok = lambda: bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in params])))
     start = saved = 0  # saved: the step the checkpoint on disk holds
     if ckpt is not None:
@@ -687,7 +689,8 @@ def main(argv=None):
             log.flush()
 
     def kept():  # what the error messages of a stopped run say about the checkpoint
-        return f"{ckpt_path} " + (f"still holds step {saved}: --resume from there" if saved else "was never written")
+        return f"{ckpt_path} " + (f"still holds step {saved}: --resume from there" if saved
+                                  else "was never written")
 
     def checkpoint(s):
         nonlocal saved
@@ -796,8 +799,9 @@ def main(argv=None):
         except RuntimeError as e:  # gloo raises when a collective waits longer than --pg-timeout
             if world == 1 or "timed out" not in str(e).lower():
                 raise
-            raise TrainingError(f"step {s + 1}: rank {rank} waited more than --pg-timeout {args.pg_timeout:g} s "
-                                f"for the other ranks (one stalled or died); {kept()}") from None
+            raise TrainingError(f"step {s + 1}: rank {rank} waited more than --pg-timeout "
+                                f"{args.pg_timeout:g} s for the other ranks (one stalled or died); "
+                                f"{kept()}") from None
 
     # Replicas must agree bit for bit; a silent divergence is the nastiest data-parallel bug.
     sums = all_gather_row([sum(p.double().sum().item() for p in params)], world, device)[:, 0]
