@@ -52,8 +52,8 @@ class GPTConfig:
     moe_aux_weight: float = 0.01    # weight of the Switch load-balancing loss (mean over layers)
     ngram_n: int = 3                # N: longest n-gram order; 0 or 1 = plain token embedding
     ngram_k: int = 2                # K: hashed sub-tables per order
-    ngram_ratio: float = 10.37      # sub-table rows m = round(ratio * vocab); keep it away from
-                                    # integers and simple fractions (collisions spike there)
+    ngram_ratio: float = 10.37      # sub-table c has int(ratio * vocab + 2c + 1) rows; keep it away
+                                    # from integers and simple fractions (collisions spike there)
     ngram_amp: str = "sqrt_d"       # amplify the embedding output (plain or n-gram): "none" |
                                     # "sqrt_d" (times sqrt(n_embd)) | "layernorm"
     ngram_draft_head: bool = False  # linear head on the embedding output that drafts the next token
@@ -89,8 +89,9 @@ class GPTConfig:
         if self.n_tables:
             need(self.n_embd % self.n_tables == 0, f"n_embd={self.n_embd} must be divisible by "
                  f"(ngram_n-1)*ngram_k={self.n_tables}: change n_embd, ngram_n or ngram_k")
-            need(self.ngram_ratio > 0 and round(self.ngram_ratio * self.vocab_size) >= 1,
-                 f"ngram_ratio={self.ngram_ratio} must give at least one row")
+            need(self.ngram_ratio > 0 and int(self.ngram_ratio * self.vocab_size) >= 1,
+                 f"ngram_ratio={self.ngram_ratio} must give at least one row (ngram_ratio * "
+                 f"vocab_size >= 1)")
             # each hash term t * (V^j mod M) stays below vocab * M: keep that inside int64
             need(self.vocab_size * max(self.ngram_sizes) < 2**62, "ngram_ratio too large for int64 hashing")
 
@@ -99,15 +100,22 @@ class GPTConfig:
         return (self.ngram_n - 1) * self.ngram_k if self.ngram_n >= 2 else 0
 
     @property
-    def ngram_sizes(self):          # rows of sub-table c: m + 2c + 1, as in the paper's public code
-        m = round(self.ngram_ratio * self.vocab_size)
-        return [m + 2 * c + 1 for c in range(self.n_tables)]
+    def ngram_sizes(self):          # rows of each sub-table (see ngram_table_sizes)
+        return ngram_table_sizes(self.ngram_ratio, self.vocab_size, self.n_tables)
 
     @property
     def hidden(self):
         if self.ffn_hidden:
             return self.ffn_hidden
         return 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+
+def ngram_table_sizes(ratio, vocab, n_tables):
+    """Rows of sub-table c = 0..n_tables-1: int(ratio * vocab + 2c + 1), exactly as LongCat's public
+    code sizes them (truncated, not rounded: one row fewer whenever the fraction of ratio * vocab is
+    at least 0.5). Consecutive tables differ by 2 rows, so the K tables of one order have different
+    moduli and an n-gram rarely collides in all of them."""
+    return [int(ratio * vocab + 2 * c + 1) for c in range(n_tables)]
 
 
 # The paper's comparison at equal active parameters (README, `python model.py --params`): spend extra
@@ -389,6 +397,13 @@ class GPT(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"idx must be [B, T] token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+        if idx.numel():   # out-of-range ids would index garbage rows (CPU) or fault (CUDA) later
+            lo, hi = torch.stack(torch.aminmax(idx)).tolist()          # one sync for both
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"idx holds ids in [{lo}, {hi}]; token ids must lie in "
+                                 f"[0, vocab_size={cfg.vocab_size}): check the tokenizer or vocab_size")
         context = None
         if cache is not None:
             if cu_seqlens is not None:
@@ -454,11 +469,17 @@ class GPT(nn.Module):
         return self.draft_head(self.embed(idx, context=context, ids=ids))
 
     def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
+        """A `KVCache` for batch_size rows of up to max_len positions (default config.max_seq_len).
+        max_len need not be a multiple of attn_block: a token only scores the complete blocks
+        before its own, so the last, partial block never needs a mean."""
         p = self.lm_head.weight
         cfg = self.config
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        for name, v in (("batch_size", batch_size), ("max_len", max_len)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"new_cache: {name}={v!r} must be an int >= 1")
         return KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.n_embd // cfg.n_head,
-                       max_len or cfg.max_seq_len, device or p.device, dtype or p.dtype,
-                       cfg.attn_block)
+                       max_len, device or p.device, dtype or p.dtype, cfg.attn_block)
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
@@ -589,15 +610,16 @@ def collision_report(max_bytes=4_000_000, vocab=257, multiples=(40, 400), ratios
                 row.append(f"{1 - (1 - 1 / M) ** (len(codes[n]) - 1):>8.2%}")
             print(" ".join(row))
         print()
-    print("K tables per order, sizes m + 2c + 1 (N = 3 layout): share of n-grams whose bucket is shared")
+    print("K tables per order, sizes int(ratio V + 2c + 1) (N = 3 layout): share of n-grams whose bucket is shared")
     print("in all K tables (all-K), and share with another n-gram in exactly the same K buckets (same)")
     print(f"{'ratio':>7} {'m':>6} {'K':>3} {'2g all-K':>9} {'2g same':>8} {'3g all-K':>9} {'3g same':>8}")
     for ratio in ratios:
-        m = round(ratio * vocab)
+        m = int(ratio * vocab)
         for K in (1, 2, 4):
             row = [f"{ratio:>7} {m:>6} {K:>3}"]
+            sizes = ngram_table_sizes(ratio, vocab, 2 * K)             # N = 3: orders 2 and 3
             for n in (2, 3):
-                every, same = collided(codes[n], [m + 2 * c + 1 for c in range((n - 2) * K, (n - 1) * K)])
+                every, same = collided(codes[n], sizes[(n - 2) * K:(n - 1) * K])
                 row.append(f"{every.float().mean():>9.2%} {same.float().mean():>8.2%}")
             print(" ".join(row))
     print(f"({time.time() - t0:.1f} s)")

@@ -26,8 +26,7 @@ def brute_ids(idx, N, K, ratio, V, eos, context=None, cu=None):
     """Eq. 3's hash per position with Python integers: walk back from t_i, stop at a barrier (an
     EOS or a document start), pad with 0, h = sum_j t_{i-j} V^j mod size (no pre-reduction)."""
     B, T = idx.shape
-    m = round(ratio * V)
-    sizes = [m + 2 * c + 1 for c in range((N - 1) * K)]
+    sizes = [int(ratio * V + 2 * c + 1) for c in range((N - 1) * K)]   # LongCat's public code
     starts = set() if cu is None else {int(c) for c in cu}
     out = torch.zeros(B, T, len(sizes), dtype=torch.long)
     for b in range(B):
@@ -69,6 +68,45 @@ def test_hash_ids_match_brute_force(N, K, ratio, V, D, H):
     assert torch.equal(emb.hash_ids(idx, cu_seqlens=cu), brute_ids(idx, N, K, ratio, V, V - 1, cu=cu))
     sizes = torch.tensor(cfg.ngram_sizes)
     assert (emb.hash_ids(idx) < sizes).all()
+
+
+def test_table_sizes_truncate_like_the_official_code():
+    """LongCat sizes sub-table c as int(ratio * V + 2c + 1): 10.37 * 257 = 2665.09, and
+    10.4 * 257 = 2672.8, whose fraction is >= 0.5: rounding would give one row more."""
+    assert GPTConfig(ngram_n=3, ngram_k=2, ngram_ratio=10.37).ngram_sizes == [2666, 2668, 2670, 2672]
+    assert GPTConfig(ngram_n=3, ngram_k=2, ngram_ratio=10.4).ngram_sizes == [2673, 2675, 2677, 2679]
+    assert GPTConfig(ngram_n=2, ngram_k=1, ngram_ratio=2.9, vocab_size=7, eos_id=6,
+                     n_embd=32, n_head=2).ngram_sizes == [21]           # 20.3 + 1 -> 21
+
+
+# Golden ids, worked out with Python integers and written out: N=3, K=2, ratio 10.4, V=257, so the
+# sizes are 2673, 2675 (2-gram tables) and 2677, 2679 (3-gram tables). The 2-gram (a, b), b the
+# current token, hashes to (b + 257 a) mod size; the 3-gram (z, a, b) to (b + 257 a + 66049 z) mod
+# size; a missing predecessor (start, or at/before an earlier EOS) is 0.
+GOLDEN = [
+    # idx, context, ids[position][table]
+    ([[0, 0, 0]], None, [[0, 0, 0, 0]] * 3),                            # token 0 = a missing one
+    ([[255, 255, 255]], None,                                           # the largest byte:
+     [[255, 255, 255, 255], [1638, 1590, 1542, 1494],                   # 65790 mod size
+      [1638, 1590, 353, 1116]]),                                        # 16908285 mod size
+    ([[256, 97, 98]], None,                                             # EOS first: a fresh start
+     [[256, 256, 256, 256], [97, 97, 97, 97], [970, 952, 934, 916]]),   # 25027 mod size
+    ([[97, 256, 98]], None,                                             # EOS in the middle sees its
+     [[97, 97, 97, 97], [1128, 1110, 1092, 1074], [98, 98, 98, 98]]),   # document, the next not
+    ([[97, 98, 256]], None,                                             # EOS last: 25442 (2-gram),
+     [[97, 97, 97, 97], [970, 952, 934, 916], [1385, 1367, 2041, 2595]]),   # 6432195 (3-gram)
+    ([[99]], [[97, 98]],                                                # decoding, context = last
+     [[1228, 1210, 1884, 2438]]),                                       # N-1 ids: 25285, 6432038
+    ([[99]], [[256, 98]],                                               # an EOS in the context
+     [[1228, 1210, 1192, 1174]]),
+]
+
+
+@pytest.mark.parametrize("idx,context,want", GOLDEN)
+def test_hash_ids_golden_cases(idx, context, want):
+    emb = NgramEmbedding(GPTConfig(ngram_n=3, ngram_k=2, ngram_ratio=10.4))
+    ctx = None if context is None else torch.tensor(context)
+    assert emb.hash_ids(torch.tensor(idx), ctx)[0].tolist() == want
 
 
 def test_eos_resets_lookback_and_context_continues_the_sequence():
@@ -137,6 +175,29 @@ def test_logits_at_t_ignore_every_later_token(name):
             other[:, t + 1:] = torch.randint(0, 256, (1, 63 - t), generator=g)
             logits, _ = model(other, cu_seqlens=cu, topk=2)
             assert torch.equal(logits[:, :t + 1], base[:, :t + 1]), t
+
+
+def test_new_cache_refuses_bad_sizes():
+    model = tiny()
+    for kw, name in ((dict(batch_size=0), "batch_size"), (dict(batch_size=-2), "batch_size"),
+                     (dict(batch_size=1, max_len=0), "max_len"), (dict(batch_size=1, max_len=-5), "max_len"),
+                     (dict(batch_size=1.5), "batch_size")):
+        with pytest.raises(ValueError, match=name):
+            model.new_cache(**kw)
+    assert model.new_cache(1, max_len=20).max_len == 20                # any length >= 1 is fine
+
+
+def test_forward_refuses_ids_outside_the_vocabulary():
+    model = tiny()
+    for bad in (-1, 257, 10**6):
+        idx = torch.tensor([[3, bad, 5]])
+        with pytest.raises(ValueError, match="vocab_size"):
+            model(idx)
+        with pytest.raises(ValueError, match="vocab_size"):
+            model(idx, cache=model.new_cache(1, max_len=16))
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.zeros(1, 3))
+    model(torch.tensor([[0, 256]]))                                     # both ends are valid ids
 
 
 def test_cache_errors():
