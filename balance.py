@@ -51,7 +51,7 @@ import random
 import sys
 import time
 
-from batching import SABState, check_plan, imbalance, padded, plan_batches
+from batching import SABState, check_plan, imbalance, order_for_1f1b, padded, plan_batches
 
 ANCHORS = ("mean", "min", "max")
 UNITS = ("rank", "microbatch")
@@ -84,12 +84,14 @@ class CostModel:
     """
 
     def __init__(self, kind, block_size, params=None, lengths=None, budgets=None, linear=None,
-                 attention=None, meta=None):
+                 attention=None, meta=None, call_overhead=0.0):
         if kind not in ("analytic", "table"):
             raise ValueError(f"kind must be 'analytic' or 'table', got {kind!r}")
         self.kind, self.block_size = kind, int(block_size)
         self.params, self.meta = dict(params or {}), dict(meta or {})
         self._curves = {}  # blocks -> curve(), see curve()
+        self.call_overhead = float(call_overhead)  # seconds of one attention call on one block
+        self.fixed = 0.0  # seconds a microbatch (one packed row) pays once, whatever it holds
         if kind == "table":
             self.lengths, self.budgets = [int(x) for x in lengths], [int(x) for x in budgets]
             self.linear = [float(x) for x in linear]  # [len(lengths)] seconds
@@ -106,8 +108,16 @@ class CostModel:
                 raise ValueError(f"cost table lengths must be multiples of block_size {b} "
                                  "(documents are padded to whole blocks)")
             self._logl = [math.log(x) for x in self.lengths]
-            self._logk = [math.log(x) for x in self.budgets]
-            self._k_brackets = {}  # budget -> (j, u), see curve()
+            # A row's fixed cost, paid once however many documents it packs: the intercept of a
+            # line through the linear times (least squares) plus one attention call's overhead,
+            # each clipped to the smallest time measured, so every document's share stays >= 0.
+            xs, ts = self.lengths, self.linear
+            mx, mt = sum(xs) / nl, sum(ts) / nl
+            var = sum((x - mx) ** 2 for x in xs)
+            slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / var if var else 0.0
+            self._lin_fixed = min(max(0.0, mt - slope * mx), min(ts))
+            self.call_overhead = min(max(0.0, self.call_overhead), min(min(self.attention)))
+            self.fixed = self._lin_fixed + self.call_overhead
             self._lin_rate = [t / padded(x, b) for x, t in zip(self.lengths, self.linear)]
             self._att_rate = [[t / visited_blocks(x // b, k) for k, t in zip(self.budgets, row)]
                               for x, row in zip(self.lengths, self.attention)]
@@ -127,6 +137,11 @@ class CostModel:
         3 * 2 * tokens * (4 + 2 * mlp_ratio) * n_embd^2 (QKV + output projections, MLP).
         attn_flops/linear_flops: assumed sustained FLOP/s (sparse attention kernels reach a
         lower share of peak than GEMMs); only their ratio matters for balancing."""
+        for name, v in (("block_size", block_size), ("n_embd", n_embd), ("n_head", n_head),
+                        ("mlp_ratio", mlp_ratio), ("attn_flops", attn_flops),
+                        ("linear_flops", linear_flops), ("head_dim", head_dim or 1)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"CostModel.analytic: {name} must be a finite number > 0, got {v!r}")
         head_dim = n_embd // n_head if head_dim is None else head_dim
         params = dict(n_embd=n_embd, n_head=n_head, head_dim=head_dim, mlp_ratio=mlp_ratio,
                       attn_flops=float(attn_flops), linear_flops=float(linear_flops))
@@ -183,8 +198,15 @@ class CostModel:
             (lin.down(torch.nn.functional.gelu(lin.up(h))) + h).float().sum().backward()
 
         linear, attention = [], []
-        bar = tqdm(total=len(lengths) * (1 + len(budgets)), desc="profiling cost model",
+        bar = tqdm(total=len(lengths) * (1 + len(budgets)) + 1, desc="profiling cost model",
                    disable=not progress)
+        # one block at budget 1: what any attention call costs besides its work (a packed row
+        # of many documents pays it once)
+        q1, k1, v1 = (torch.randn(1, n_head, block_size, head_dim, generator=gen)
+                      .to(device, dtype).requires_grad_() for _ in range(3))
+        overhead = timeit(lambda: attn_fn(q1, k1, v1, 1, block_size=block_size, impl=impl)
+                          .float().sum().backward())
+        bar.update(1)
         for length in lengths:
             x = torch.randn(1, length, n_embd, generator=gen).to(device, dtype).requires_grad_()
             linear.append(timeit(lambda: linear_step(x)))
@@ -210,7 +232,7 @@ class CostModel:
                                else "cpu"), dtype=str(dtype), n_embd=n_embd, n_head=n_head,
                     mlp_ratio=mlp_ratio, impl=impl, repeats=repeats)
         return cls("table", block_size, lengths=lengths, budgets=budgets, linear=linear,
-                   attention=attention, meta=meta)
+                   attention=attention, meta=meta, call_overhead=overhead)
 
     @classmethod
     def load(cls, path):
@@ -224,11 +246,13 @@ class CostModel:
             raise ValueError(f"{path} is not a cost model file (format field missing or unknown)")
         return cls(d["kind"], d["block_size"], params=d.get("params"), lengths=d.get("lengths"),
                    budgets=d.get("budgets"), linear=d.get("linear"),
-                   attention=d.get("attention"), meta=d.get("meta"))
+                   attention=d.get("attention"), meta=d.get("meta"),
+                   call_overhead=d.get("call_overhead", 0.0))
 
     def save(self, path):
         d = {"format": "sparsebalance-costmodel-v1", "kind": self.kind,
-             "block_size": self.block_size, "params": self.params, "meta": self.meta}
+             "block_size": self.block_size, "params": self.params, "meta": self.meta,
+             "call_overhead": self.call_overhead}
         if self.kind == "table":
             d.update(lengths=self.lengths, budgets=self.budgets, linear=self.linear,
                      attention=self.attention)
@@ -237,9 +261,9 @@ class CostModel:
 
     # -- prediction
     def curve(self, seq_len):
-        """Return f(topk) -> seconds for one length (topk None = dense). The length-dependent
-        part is computed once (and cached: SAB and DST ask for the same lengths each step), so
-        DST's search over budgets costs a few operations per probe."""
+        """Return f(topk) -> seconds of one document of seq_len tokens inside a packed row
+        (topk None = dense), without the row's fixed cost. The length-dependent part is computed
+        once and cached (SAB and DST ask for the same lengths each step)."""
         b = self.block_size
         n = -(-int(seq_len) // b)
         f = self._curves.get(n)
@@ -263,33 +287,52 @@ class CostModel:
                 k = n if topk is None or topk >= n else topk
                 return fixed + per_block * (k * (k + 1) // 2 + (n - k) * k)
             return f
+        # Attention seconds at the grid budgets below n (rate per visited block, interpolated in
+        # log-length, times the visited blocks), then dense at k = n. A running maximum makes them
+        # non-decreasing, and between grid budgets the time is linear in the visited blocks: so
+        # the prediction is monotone in the budget everywhere, not only at the grid points, and
+        # exact wherever the rate is constant.
         i, w = _bracket(self._logl, math.log(tokens))
-        lerp = lambda a, c: (1 - w) * a + w * c  # noqa: E731  (only called when w > 0)
-        at = lambda xs: lerp(xs[i], xs[i + 1]) if w else xs[i]  # noqa: E731
-        lin = tokens * at(self._lin_rate)
-        rates = list(map(lerp, self._att_rate[i], self._att_rate[i + 1])) if w else \
-            self._att_rate[i]
-        dense_time = lin + at(self._dense_rate) * (n * (n + 1) // 2)
-        logk, brackets = self._logk, self._k_brackets
+        at = lambda xs: (1 - w) * xs[i] + w * xs[i + 1] if w else xs[i]  # noqa: E731
+        vs, ts = [], []
+        for j, k in enumerate(self.budgets):
+            if k >= n:
+                break
+            vs.append(visited_blocks(n, k))
+            ts.append(at([row[j] for row in self._att_rate]) * vs[-1])
+        vs.append(visited_blocks(n, n))
+        ts.append(at(self._dense_rate) * vs[-1])
+        ts = [max(0.0, max(ts[:j + 1]) - self.call_overhead) for j in range(len(ts))]
+        lin = tokens * at(self._lin_rate) - self._lin_fixed
 
         def f(topk):
             if topk is None or topk >= n:  # dense causal, however it is asked for
-                return dense_time
-            ju = brackets.get(topk)
-            if ju is None:  # memoised per budget: DST probes the same few budgets many times
-                ju = brackets[topk] = _bracket(logk, math.log(topk))
-            j, u = ju
-            rate = (1 - u) * rates[j] + u * rates[j + 1] if u else rates[j]
-            return lin + rate * (topk * (topk + 1) // 2 + (n - topk) * topk)  # visited_blocks
+                return lin + ts[-1]
+            v = topk * (topk + 1) // 2 + (n - topk) * topk              # visited_blocks(n, topk)
+            if v <= vs[0]:  # below the grid: the first grid time scaled by the work
+                return lin + ts[0] * v / vs[0]
+            j = bisect.bisect_left(vs, v) - 1                            # vs[j] < v <= vs[j + 1]
+            return lin + ts[j] + (v - vs[j]) / (vs[j + 1] - vs[j]) * (ts[j + 1] - ts[j])
         return f
 
     def predict(self, seq_len, topk=None):
         """Predicted seconds of one layer, forward + backward, for one sequence of seq_len
-        tokens at budget topk (blocks incl. the diagonal; None or >= blocks = dense causal)."""
-        if seq_len < 1 or (topk is not None and topk < 1):
-            raise ValueError(f"predict needs seq_len >= 1 and topk >= 1 (or None), "
-                             f"got {seq_len}, {topk}")
-        return self.curve(seq_len)(topk)
+        tokens alone in a row, at budget topk (blocks incl. its own; None or >= blocks = dense)."""
+        return self.predict_microbatch([seq_len], [topk])
+
+    def predict_microbatch(self, lengths, budgets):
+        """One layer's forward + backward seconds for a microbatch as it runs: one packed row,
+        so the fixed per-call cost is paid once, attention per document at its budget, linear
+        work per token. An empty microbatch costs nothing (it is skipped)."""
+        if len(lengths) != len(budgets):
+            raise ValueError(f"predict_microbatch needs one budget per length, got "
+                             f"{len(lengths)} lengths and {len(budgets)} budgets")
+        for x, k in zip(lengths, budgets):
+            if not (x >= 1 and (k is None or k >= 1)):
+                raise ValueError(f"seq_len must be >= 1 and topk >= 1 (or None), got {x}, {k}")
+        if not lengths:
+            return 0.0
+        return self.fixed + sum(self.curve(x)(k) for x, k in zip(lengths, budgets))
 
 
 def check_cost_model(cm, points=None, attn_fn=None, repeats=3, progress=True):
@@ -328,91 +371,75 @@ def _bracket(xs, x):
 
 
 class OnlineCorrection:
-    """Per-rank EMA of measured / predicted step time (an addition: the paper has none).
+    """Measured against predicted compute, per rank (an addition: the paper has none).
 
-    A table profiled once drifts from reality (other kernels, a slower node, thermal limits).
-    After each step train.py all-gathers every rank's measured compute seconds and the predicted
-    load DST used for it, and calls update(); `factors` then scales each rank's predicted load
-    in tune_budgets (rank_scale=...). Every rank holds identical factors because it sees
-    identical inputs, so DST stays deterministic. Ratios are clipped to [0.1, 10] so one odd
-    step (compilation, a checkpoint write) cannot throw the estimate far off.
+    A table profiled once drifts from reality (other kernels, a slower node, thermal limits), and
+    an analytic model's absolute seconds can be off by orders of magnitude. After each step the
+    Balancer passes every rank's measured compute seconds and what the cost model predicted for
+    the budgets that ran; `scale` becomes an EMA of total measured / total predicted, and
+    `factors` an EMA of each rank's ratio relative to that (clipped to [0.1, 10], so one odd step
+    cannot throw it far off). DST scales each rank's load by its factor; `corrected(predicted)`
+    is the prediction in measured seconds. Identical inputs on every rank give identical state.
     """
 
     def __init__(self, world_size, decay=0.9):
-        if world_size < 1 or not 0.0 <= decay < 1.0:
-            raise ValueError("OnlineCorrection needs world_size >= 1 and 0 <= decay < 1")
-        self.decay, self.factors, self.steps = float(decay), [1.0] * world_size, 0
+        if not (isinstance(world_size, int) and world_size >= 1) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"OnlineCorrection needs world_size >= 1 and 0 <= decay < 1, got "
+                             f"{world_size!r}, {decay!r}")
+        self.decay, self.factors, self.scale, self.steps = float(decay), [1.0] * world_size, 1.0, 0
+
+    def corrected(self, predicted):
+        return [self.scale * f * x for f, x in zip(self.factors, predicted)]
 
     def update(self, measured, predicted):
-        if len(measured) != len(self.factors) or len(predicted) != len(self.factors):
-            raise ValueError(f"update needs one measured and one predicted time per rank "
-                             f"({len(self.factors)})")
+        n = len(self.factors)
+        if len(measured) != n or len(predicted) != n:
+            raise ValueError(f"update needs one measured and one predicted time per rank ({n})")
+        if not all(math.isfinite(x) and x >= 0 for x in list(measured) + list(predicted)):
+            raise ValueError(f"measured and predicted times must be finite and >= 0, got "
+                             f"{list(measured)}, {list(predicted)}")
+        if sum(predicted) <= 0 or sum(measured) <= 0:
+            return  # nothing ran: nothing learnt
+        ema = lambda old, new: new if self.steps == 0 else self.decay * old + (1 - self.decay) * new  # noqa: E731
+        total = sum(measured) / sum(predicted)
         for r, (m, p) in enumerate(zip(measured, predicted)):
-            if p <= 0:
-                continue  # an empty rank tells nothing about its speed
-            ratio = min(10.0, max(0.1, m / p))
-            self.factors[r] = ratio if self.steps == 0 else (
-                self.decay * self.factors[r] + (1 - self.decay) * ratio)
+            if p > 0:  # an empty rank tells nothing about its speed
+                self.factors[r] = ema(self.factors[r], min(10.0, max(0.1, m / p / total)))
+        self.scale = ema(self.scale, total)
         self.steps += 1
+
+    def state_dict(self):
+        return dict(factors=list(self.factors), scale=self.scale, steps=self.steps)
+
+    def load_state_dict(self, d):
+        if len(d["factors"]) == len(self.factors):  # a new world size starts afresh
+            self.factors, self.scale, self.steps = list(d["factors"]), d.get("scale", 1.0), d["steps"]
 
 
 # ----------------------------------------------------------------------------- DST
 
-def coverage_floor(curve, k0, p):
-    """Smallest budget k with C[k-1] >= (1 - p) * C[k0-1] (SparseBalance DST, step 3).
-
-    curve: non-decreasing coverage of the best 1, 2, ... blocks (a row of
-    attention.routing_coverage); entries past its end count as 1 (every block available)."""
-    c0 = curve[k0 - 1] if k0 <= len(curve) else 1.0
-    target = (1.0 - p) * c0
-    return min(k0, bisect.bisect_left(curve, target - 1e-12) + 1)
-
-
 @dataclasses.dataclass
 class DSTResult:
     """Output of tune_budgets. Loads are predicted seconds of one layer (times rank_scale)."""
-    budgets: list      # one int per sample (or [n_layer][S]); clipped to the sample's blocks
-    floors: list       # the coverage floor per sample (same shape)
-    anchor: float      # the anchor load A (of one layer: per-layer tuning shares it)
+    budgets: list      # the latency-target budget of every sample, clipped to its blocks
+    anchor: float      # the anchor load A
     units: list        # (rank,) or (rank, micro) per non-empty unit
-    loads_k0: list     # per unit, at the default budget k0 (summed over layers)
-    loads: list        # per unit, at the tuned budgets (summed over layers)
-    shortfalls: list   # (unit, layer or None, seconds above the anchor at the floor)
-
-    @property
-    def feasible(self):
-        return not self.shortfalls
-
-    def summary(self):
-        mx0, mx = max(self.loads_k0, default=0.0), max(self.loads, default=0.0)
-        return (f"DST: anchor {self.anchor:.4g}s, max load {mx0:.4g}s -> {mx:.4g}s, "
-                f"{len(self.shortfalls)} unit(s) above the anchor at their floor")
+    loads_k0: list     # per unit, at the default budget k0
+    loads: list        # per unit, at the targets
+    shortfalls: list   # units still above the anchor at budget 1: (unit, seconds above)
 
 
-def _to_lists(coverage):
-    # tensors/arrays -> nested lists once; lists of rows are used as they are (no copy)
-    return coverage.tolist() if hasattr(coverage, "tolist") else list(coverage)
+def tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k_max=None,
+                 rank_scale=None, block_size=None, pipeline_stages=1):
+    """DST's pre-step half: a latency-target budget per sample, so every unit meets the anchor.
 
-
-def tune_budgets(plan, lengths, cost_model, anchor="mean", p=0.1, k0=32, coverage=None,
-                 block_size=None, unit="rank", k_max=None, default_floor=0.5, rank_scale=None):
-    """DST: one attention budget per sample so every unit's predicted load meets the anchor.
-
-    SparseBalance, "workload-aware dynamic sparsity tuning": (1) predict each unit's load at
-    k0; (2) anchor A = mean | min | max of those loads (non-empty units only); (3) a straggler
-    (load > A) lowers its budget to the largest k whose load is <= A, never below each
-    sample's coverage floor; (4) a unit below A raises its budget to the largest k whose load
-    is still <= A (up to k_max, None = dense): free accuracy, since it would idle anyway.
-    Within a unit one level k is searched (bisection; loads grow with k) and sample s gets
-    min(blocks_s, max(k, floor_s)).
-    Fallback (the paper has none): if even the floors load the unit above A, it keeps the
-    floors and the miss is reported in `shortfalls`.
-    Floors: coverage_floor(coverage[s], k0, p) from coverage curves ([S, KMAX] tensor or
-    list of rows, rows may be ragged; or [n_layer, S, KMAX] for per-layer budgets, each layer
-    tuned against the same per-layer anchor); without curves, ceil(default_floor * k0).
-    unit: "rank" (per-rank sum, DP training) or "microbatch" (per-microbatch latency, the
-    paper's unit, pipelines); see the module docstring. rank_scale: per-rank factors from
-    OnlineCorrection. Deterministic: same inputs, same budgets on every rank.
+    SparseBalance, "workload-aware dynamic sparsity tuning". Pure and deterministic: every rank
+    computes the same targets from the same inputs, without communication. The second half runs
+    inside every layer: budget = max(target, that layer's coverage floor) (attention.py).
+    unit: "rank" (per-rank sum, data-parallel training) or "microbatch" (the paper's unit, for
+    pipelines). A unit's load is what runs: each microbatch one packed row
+    (CostModel.predict_microbatch). Within a unit one level k is searched (bisection; loads grow
+    with k) and sample s gets min(blocks_s, k). rank_scale: per-rank factors (OnlineCorrection).
     """
     lengths = list(lengths)
     S = len(lengths)
@@ -420,94 +447,78 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", p=0.1, k0=32, coverag
         raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"p (allowed coverage drop) must be in [0, 1), got {p}")
-    if not isinstance(k0, int) or k0 < 1:
+    if not (isinstance(k0, int) and not isinstance(k0, bool) and k0 >= 1):
         raise ValueError(f"k0 must be a positive int (blocks), got {k0!r}")
     if k_max is not None and k_max < k0:
         raise ValueError(f"k_max ({k_max}) must be >= k0 ({k0}) or None")
+    if any(not (isinstance(x, int) and x >= 1) for x in lengths):
+        raise ValueError("lengths must be positive ints (tokens per sample)")
     b = cost_model.block_size
     if block_size is not None and block_size != b:
         raise ValueError(f"block_size {block_size} differs from the cost model's {b}: "
                          "profile the cost model at the block size you train with")
-    if rank_scale is not None and len(rank_scale) != len(plan):
-        raise ValueError(f"rank_scale needs one factor per rank ({len(plan)})")
+    if rank_scale is not None and (len(rank_scale) != len(plan) or not all(
+            math.isfinite(x) and x > 0 for x in rank_scale)):
+        raise ValueError(f"rank_scale needs one finite factor > 0 per rank ({len(plan)})")
     check_plan(plan, S)
-
     blocks = [-(-x // b) for x in lengths]
-    if coverage is None:
-        layers = [[min(n, max(1, math.ceil(default_floor * k0))) for n in blocks]]
-    else:
-        cov = _to_lists(coverage)
-        nested = len(cov) > 0 and len(cov[0]) > 0 and hasattr(cov[0][0], "__len__")
-        cov = cov if nested else [cov]
-        if any(len(c) != S for c in cov):
-            raise ValueError(f"coverage needs one curve per sample ({S} rows, indexed like "
-                             "lengths); reorder routing_coverage's rows to sample order")
-        layers = [[min(n, coverage_floor(row, k0, p)) for n, row in zip(blocks, c)] for c in cov]
-    per_layer = len(layers) > 1
+    doc = {x: cost_model.curve(x) for x in set(lengths)}
 
     if unit == "rank":
-        units = [((r,), [i for micro in rank for i in micro]) for r, rank in enumerate(plan)]
+        units = [((r,), [m for m in rank if m], r) for r, rank in enumerate(plan)]
     else:
-        units = [((r, m), list(micro))
-                 for r, rank in enumerate(plan) for m, micro in enumerate(rank)]
-    units = [(u, items) for u, items in units if items]
-    curves = {x: cost_model.curve(x) for x in set(lengths)}  # each sample is in a unit
+        units = [((r, j), [m], r) for r, rank in enumerate(plan) for j, m in enumerate(rank) if m]
+    units = [u for u in units if u[1]]
+    scale = [1.0 if rank_scale is None else float(rank_scale[r]) for _, _, r in units]
 
-    def level_cost(items, floors, scale, lo, hi):
-        """Load of a unit as a function of the level k in [lo, hi]; sample i runs at budget
-        min(blocks, max(k, floor)). Samples whose budget cannot change on [lo, hi] (already
-        dense, or pinned by their floor) are summed once: the search then loops over the rest."""
-        const, var = 0.0, []
-        for i in items:
-            n, f = blocks[i], floors[i]
-            if n <= max(lo, f) or f >= hi:
-                const += curves[lengths[i]](min(n, max(lo, f)))
-            else:
-                var.append((curves[lengths[i]], n, f))
+    def load(j, k):  # unit j's seconds with every sample at min(blocks, k)
+        micros = units[j][1]
+        return scale[j] * (cost_model.fixed * len(micros) + sum(
+            doc[lengths[i]](min(blocks[i], k)) for m in micros for i in m))
 
-        def cost(k):
-            total = const
-            for c, n, f in var:
-                total += c(n if k >= n else (f if k < f else k))
-            return scale * total
-        return cost
-
-    scales = [1.0 if rank_scale is None else float(rank_scale[u[0]]) for u, _ in units]
-    loads_k0 = [s * sum(curves[lengths[i]](min(blocks[i], k0)) for i in items)
-                for (_, items), s in zip(units, scales)]
-    A = 0.0
-    if loads_k0:
-        A = {"mean": sum(loads_k0) / len(loads_k0), "min": min(loads_k0),
-             "max": max(loads_k0)}[anchor]
+    # (1) predict every unit's load at the default budget k0
+    loads_k0 = [load(j, k0) for j in range(len(units))]
+    # (2) the anchor: mean | min | max of those loads
+    A = {"mean": sum(loads_k0) / len(loads_k0), "min": min(loads_k0),
+         "max": max(loads_k0)}[anchor] if units else 0.0
     limit = A * (1 + 1e-12)  # the anchor unit itself must count as "at the anchor" despite rounding
+    level, shortfalls = [k0] * len(units), []
+    # (3) stragglers shrink: the largest k < k0 whose load meets the anchor (quality is kept by
+    #     each layer's coverage floor at run time, which may raise the budget back: counted there)
+    for j in range(len(units)):
+        if loads_k0[j] > limit:
+            if load(j, 1) > limit:
+                level[j] = 1
+                shortfalls.append((units[j][0], load(j, 1) - limit))
+            else:
+                level[j] = _largest_within(lambda k: load(j, k), limit, 1, k0)
+    # (4) under-loaded units grow up to the anchor ("free accuracy": they would idle anyway), but
+    #     never past the slowest rank: a rank's time (its sum, or its 1F1B time in a pipeline)
+    #     stays within the largest one, so growth cannot lengthen the step.
+    def rank_time(r):
+        lat = [scale[j] * (cost_model.fixed + sum(doc[lengths[i]](min(blocks[i], level[j])) for i in m))
+               for j, (_, micros, rr) in enumerate(units) if rr == r for m in micros]
+        return sum(lat) if pipeline_stages == 1 else _one_f_one_b(lat, pipeline_stages, 1 / 3)
+    cap = max(rank_time(r) for r in range(len(plan))) * (1 + 1e-12)
 
-    budgets, loads, shortfalls = [], [0.0] * len(units), []
-    for layer, floors in enumerate(layers):
-        out = [0] * S
-        for j, ((u, items), s) in enumerate(zip(units, scales)):
-            if loads_k0[j] > limit:  # straggler: search k in [1, k0)
-                cost = level_cost(items, floors, s, 1, k0)
-                if cost(1) > limit:  # infeasible: keep the floors, report the miss
-                    k = 1
-                    shortfalls.append((u, layer if per_layer else None, cost(1) - limit))
-                else:
-                    k = _largest_within(cost, limit, 1, k0)
-            else:  # at or below the anchor: grow up to the anchor
-                hi = max(blocks[i] for i in items)
-                hi = hi if k_max is None else min(hi, k_max)
-                cost = level_cost(items, floors, s, k0, max(k0, hi))
-                k = k0 if hi <= k0 else (
-                    hi if cost(hi) <= limit else _largest_within(cost, limit, k0, hi))
-            for i in items:
-                out[i] = min(blocks[i], max(k, floors[i]))
-            loads[j] += cost(k)
-        budgets.append(out)
-    return DSTResult(budgets=budgets if per_layer else budgets[0],
-                     floors=layers if per_layer else layers[0], anchor=A,
-                     units=[u for u, _ in units], loads_k0=[x * len(layers) for x in loads_k0],
-                     loads=loads, shortfalls=shortfalls)
+    def fits(j, r, k):
+        level[j] = k
+        return load(j, k) <= limit and rank_time(r) <= cap
+    for j, (_, micros, r) in enumerate(units):
+        hi = max(blocks[i] for m in micros for i in m)
+        hi = hi if k_max is None else min(hi, k_max)
+        if loads_k0[j] > limit or hi <= k0:
+            continue
+        k = hi if fits(j, r, hi) else _largest_within(lambda k: 0.0 if fits(j, r, k) else 1.0,
+                                                      0.5, k0, hi)
+        level[j] = k
+    budgets = [0] * S
+    for j, (_, micros, _) in enumerate(units):
+        for m in micros:
+            for i in m:
+                budgets[i] = min(blocks[i], level[j])
+    return DSTResult(budgets=budgets, anchor=A, units=[u for u, _, _ in units], loads_k0=loads_k0,
+                     loads=[load(j, level[j]) for j in range(len(units))], shortfalls=shortfalls)
 
 
 def _largest_within(cost, limit, lo, hi):
@@ -520,6 +531,101 @@ def _largest_within(cost, limit, lo, hi):
         else:
             hi = mid
     return lo
+
+
+# ----------------------------------------------------------------------------- the per-step loop
+# --balance: (policy for batching.plan_batches, tune budgets with DST?)
+BALANCE = {"none": ("naive", False), "dst": ("naive", True), "lbb": ("lbb", False),
+           "lbb+dst": ("lbb", True), "sab": ("sab", False), "sab+dst": ("sab", True)}
+
+
+@dataclasses.dataclass
+class StepPlan:
+    lengths: list      # tokens per sample
+    plan: list         # plan[rank][micro] = sample indices (batching.plan_batches)
+    targets: list      # DST's latency-target budget per sample (k0, clipped, without DST)
+    predicted: list    # per rank: predicted seconds of the whole model at the targets, corrected
+    report: dict       # anchor, imbalance at k0 and at the targets, planning time
+
+
+class Balancer:
+    """SparseBalance's per-step loop in one place. Before the step, `plan(lengths)`: SAB packs the
+    global batch across ranks and microbatches using each length's expected budget (an EMA of
+    the budgets recently used), then DST's first half gives every sample a latency target (see
+    `tune_budgets`). Pure: every rank computes the same plan without communication. The model
+    then runs each sample at max(target, each layer's coverage floor at `p`) (DST's second
+    half, inside the layers). After the step, `observe(step, used, measured)` takes the budgets
+    every layer used and the ranks' measured compute seconds (gathered by train.py's one
+    existing collective): they update SAB's EMA and the online correction, and come back as logs.
+    """
+
+    def __init__(self, cost_model, world_size, balance="sab+dst", k0=8, p=0.1, anchor="mean",
+                 n_layer=1, num_microbatches=None, capacity=None, correction=True, decay=0.9):
+        if balance not in BALANCE:
+            raise ValueError(f"balance must be one of {', '.join(BALANCE)}, got {balance!r}")
+        self.cost, self.world, self.balance = cost_model, world_size, balance
+        self.policy, self.dst = BALANCE[balance]
+        self.k0, self.p, self.anchor, self.n_layer = k0, p, anchor, n_layer
+        self.micro, self.capacity, self.correction = num_microbatches, capacity, correction
+        self.sab = SABState(k0, cost_model.block_size, decay)
+        self.corr = OnlineCorrection(world_size, decay)
+        self.seen = 0  # steps observed by this process
+
+    def layer_args(self):
+        """What the model's layers need for DST's second half: dict(k0=, p=) or {}."""
+        return dict(k0=self.k0, p=self.p) if self.dst else {}
+
+    def _rank_seconds(self, plan, lengths, budgets_per_layer):
+        """Predicted seconds per rank: every layer's packed microbatches at its budgets."""
+        return [sum(self.cost.predict_microbatch([lengths[i] for i in m], [ks[i] for i in m])
+                    for ks in budgets_per_layer for m in rank) for rank in plan]
+
+    def plan(self, lengths):
+        t0 = time.process_time()
+        lengths = [int(x) for x in lengths]
+        b = self.cost.block_size
+        plan = plan_batches(lengths, self.world, self.micro, self.policy,
+                            cost=self.sab.cost_fn(self.cost), capacity=self.capacity, block_size=b)
+        at_k0 = [min(self.k0, -(-x // b)) for x in lengths]
+        scale = self.corr.factors if self.correction else None
+        res = tune_budgets(plan, lengths, self.cost, self.anchor, self.k0, "rank",
+                           rank_scale=scale) if self.dst else None
+        targets = res.budgets if res else at_k0
+        pred = self.corr.corrected(self._rank_seconds(plan, lengths, [targets] * self.n_layer))
+        k0_loads = self._rank_seconds(plan, lengths, [at_k0])
+        report = dict(plan_ms=1e3 * (time.process_time() - t0),
+                      imbalance_k0=max(k0_loads) / max(1e-30, sum(k0_loads) / len(k0_loads)),
+                      anchor=res.anchor if res else None,
+                      shortfalls=len(res.shortfalls) if res else 0)
+        return StepPlan(lengths, plan, [int(k) for k in targets], pred, report)
+
+    def observe(self, step, used, measured):
+        """step: this step's StepPlan; used: [n_layer][S] budgets each layer ran each sample at;
+        measured: compute seconds per rank. -> dict of logs (predicted vs measured, budgets)."""
+        used = [[int(k) for k in row] for row in used]
+        if len(used) != self.n_layer or any(len(row) != len(step.lengths) for row in used):
+            raise ValueError(f"used budgets must be [n_layer={self.n_layer}][S={len(step.lengths)}]")
+        predicted = self._rank_seconds(step.plan, step.lengths, used)   # what really ran
+        before = self.corr.corrected(predicted)                           # before this step's update
+        err = sorted(abs(p - m) / m for p, m in zip(before, measured) if m > 0)
+        mean_used = [sum(col) / len(col) for col in zip(*used)]          # per sample, over layers
+        self.sab.update(step.lengths, mean_used)
+        if self.correction and self.seen:  # the first step of a process is a warm-up (allocator,
+            self.corr.update(list(measured), predicted)   # first touch of every page): not learnt
+        self.seen += 1
+        return dict(mean_budget=sum(mean_used) / max(1, len(mean_used)),
+                    mean_budget_layer=[sum(row) / max(1, len(row)) for row in used],
+                    mean_target=sum(step.targets) / max(1, len(step.targets)),
+                    floor_above_target=sum(any(row[i] > t for row in used)
+                                           for i, t in enumerate(step.targets)),
+                    predicted=before, pred_err=err[len(err) // 2] if err else None)
+
+    def state_dict(self):
+        return dict(sab=self.sab.state_dict(), correction=self.corr.state_dict())
+
+    def load_state_dict(self, d):
+        self.sab = SABState.from_state_dict(d["sab"])
+        self.corr.load_state_dict(d["correction"])
 
 
 # ----------------------------------------------------------------------------- simulator
@@ -637,15 +743,29 @@ def synthetic_coverage(n_blocks, alpha):
     return [min(1.0, (j + P[j] * tail[j + 1]) / n_blocks) for j in range(1, n_blocks + 1)]
 
 
+def _floors(curves, k0, p):
+    """Coverage floors of synthetic curves (ragged lists) with the model's own rule."""
+    import torch
+    from attention import coverage_floor
+    width = max(len(c) for c in curves)
+    return coverage_floor(torch.tensor([c + [1.0] * (width - len(c)) for c in curves]),
+                          k0, p).tolist()
+
+
+ABLATION = [("baseline", "naive", False), ("+ DST", "naive", True), ("+ SAB", "sab", False),
+            ("+ SAB + DST", "sab", True), ("+ LBB", "lbb", False), ("+ LBB + DST", "lbb", True)]
+
+
 def run_ablation(draw_lengths, rng, steps, cm, dp, pp, global_batch, k0, p, n_layer, capacity,
-                 unit="microbatch"):
-    """Mean step time etc. over `steps` global batches for the six configurations of the
-    paper's ablation. draw_lengths(n, rng) -> n sequence lengths. Step times come from
-    simulate() on cost-model latencies, not measured."""
+                 unit="microbatch", anchor="mean", configs=ABLATION, order=None):
+    """Mean step time etc. over `steps` global batches for the configurations of the paper's
+    ablation. draw_lengths(n, rng) -> n sequence lengths. DST runs in its two halves: targets
+    before the step (tune_budgets), then each sample at max(target, its coverage floor) as the
+    layers would (synthetic curves). Step times come from simulate() on cost-model latencies of
+    packed microbatches, not measured. order="1f1b": each replica's microbatches reordered, small
+    ones at both ends (batching.order_for_1f1b)."""
     b = cm.block_size
     M = global_batch // dp
-    configs = [("baseline", "naive", False), ("+ DST", "naive", True), ("+ SAB", "sab", False),
-               ("+ SAB + DST", "sab", True), ("+ LBB", "lbb", False), ("+ LBB + DST", "lbb", True)]
     states = {name: SABState(k0, b) for name, _, _ in configs}
     acc = {name: dict(step=0.0, imb=0.0, mimb=0.0, bubble=0.0, kb=[], cov=[], ratio=[], short=0)
            for name, _, _ in configs}
@@ -653,19 +773,23 @@ def run_ablation(draw_lengths, rng, steps, cm, dp, pp, global_batch, k0, p, n_la
         lengths = draw_lengths(global_batch, rng)
         blocks = [-(-x // b) for x in lengths]
         curves = [synthetic_coverage(n, rng.uniform(0.6, 1.4)) for n in blocks]
+        floors = _floors(curves, k0, p)
         for name, policy, dst in configs:
             state, a = states[name], acc[name]
             plan = plan_batches(lengths, dp, M, policy, cost=state.cost_fn(cm), capacity=capacity,
                                 block_size=b, pipeline_stages=pp)
             if dst:
-                res = tune_budgets(plan, lengths, cm, "mean", p, k0, coverage=curves, unit=unit)
-                budgets = res.budgets
-                state.update(lengths, budgets)
-                a["short"] += len(res.shortfalls)
+                res = tune_budgets(plan, lengths, cm, anchor, k0, unit=unit, pipeline_stages=pp)
+                budgets = [min(n, max(t, f)) for n, t, f in zip(blocks, res.budgets, floors)]
+                a["short"] += sum(f > t for t, f in zip(res.budgets, floors))
             else:
                 budgets = [min(n, k0) for n in blocks]
-            sec = [n_layer * cm.predict(x, k) for x, k in zip(lengths, budgets)]
-            sim = simulate([[sum(sec[i] for i in micro) for micro in rank] for rank in plan], pp)
+            state.update(lengths, budgets)
+            lat = [[n_layer * cm.predict_microbatch([lengths[i] for i in m], [budgets[i] for i in m])
+                    for m in rank] for rank in plan]
+            if order == "1f1b":
+                lat = [order_for_1f1b(r) for r in lat]
+            sim = simulate(lat, pp)
             a["step"] += sim.step_time / steps
             a["imb"] += sim.imbalance / steps
             a["mimb"] += sim.micro_imbalance / steps
@@ -675,7 +799,7 @@ def run_ablation(draw_lengths, rng, steps, cm, dp, pp, global_batch, k0, p, n_la
                     a["kb"].append(k)
                     a["cov"].append(c[k - 1])
                     a["ratio"].append(c[k - 1] / c[k0 - 1])
-    base = acc["baseline"]["step"]
+    base = acc[configs[0][0]]["step"]
     mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
     rows = []
     for name, _, _ in configs:
@@ -689,32 +813,29 @@ def run_ablation(draw_lengths, rng, steps, cm, dp, pp, global_batch, k0, p, n_la
 def print_table(title, rows):
     print(f"\n{title}")
     print("| config      | imbalance rank | imbalance mb | step (ms) | speedup | mean budget "
-          "| mean coverage | min cov/cov(k0) | bubble | shortfalls |")
+          "| mean coverage | min cov/cov(k0) | bubble | floor > target |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]:<11} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.0f} | {r[4]:.2f}x | {r[5]:.1f} "
               f"| {r[6]:.3f} | {r[7]:.3f} | {r[8]:.2f} | {r[9]} |")
 
 
-def benchmark(cm, k0, p, n=1024, world=64, M=4, repeats=20, seed=0):
-    """Wall and CPU time of plan_batches("sab") + tune_budgets for one global batch of n
+def benchmark(cm, k0, n=1024, world=64, M=4, repeats=20, seed=0):
+    """Wall and CPU time of Balancer.plan (SAB + DST's pre-step half) for one global batch of n
     sequences, a fresh batch each repeat (the cost model's per-length cache persists, as in
-    training). The coverage curves are inputs (computed by the model), so not timed."""
+    training)."""
     rng = random.Random(seed)
-    b = cm.block_size
-    state = SABState(k0, b)
+    bal = Balancer(cm, world, "sab+dst", k0=k0, num_microbatches=M)
     wall, cpu = [], []
     for _ in range(repeats):
         lengths = synthetic_lengths("bimodal", n, rng)
-        curves = [synthetic_coverage(-(-x // b), rng.uniform(0.6, 1.4)) for x in lengths]
         t, c = time.perf_counter(), time.process_time()
-        plan = plan_batches(lengths, world, M, "sab", cost=state.cost_fn(cm), block_size=b)
-        res = tune_budgets(plan, lengths, cm, "mean", p, k0, coverage=curves, unit="rank")
+        step = bal.plan(lengths)
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-        state.update(lengths, res.budgets)
+        bal.sab.update(lengths, step.targets)
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return med(wall), med(cpu), imbalance(plan, [cm.predict(x, k0) for x in lengths])
+    return med(wall), med(cpu), imbalance(step.plan, [cm.predict(x, k0) for x in lengths])
 
 
 def main(argv=None):
@@ -734,6 +855,10 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic mixes")
     ap.add_argument("--p", type=float, default=0.1, help="allowed coverage drop of DST")
     ap.add_argument("--k0", type=int, default=32, help="default budget in blocks")
+    ap.add_argument("--anchor", default="mean", choices=ANCHORS, help="--simulate: DST anchor")
+    ap.add_argument("--order", default="none", choices=("none", "1f1b"),
+                    help="--simulate: 1f1b = each replica's microbatches reordered, small ones at "
+                         "both ends (as verl orders them)")
     ap.add_argument("--block-size", type=int, default=256, help="attention block size (tokens)")
     ap.add_argument("--dp", type=int, default=2, help="--simulate: data-parallel replicas")
     ap.add_argument("--pp", type=int, default=4, help="--simulate: pipeline stages (1F1B)")
@@ -747,6 +872,8 @@ def main(argv=None):
     ap.add_argument("--n-head", type=int, default=4, help="--profile: attention heads")
     ap.add_argument("--mlp-ratio", type=int, default=4, help="--profile: MLP width / n_embd")
     ap.add_argument("--impl", default="auto", help="--profile: attention implementation")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="--profile: torch threads (0 = torch's default; train.py uses 1 per rank)")
     ap.add_argument("--check", metavar="PATH",
                     help="measure off-grid points of the cost table PATH on this device and "
                          "print measured vs predicted")
@@ -755,6 +882,9 @@ def main(argv=None):
         ap.print_help()
         return
     if args.profile:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
         cm = CostModel.profile(args.lengths, args.budgets, n_embd=args.n_embd, n_head=args.n_head,
                                block_size=args.block_size, mlp_ratio=args.mlp_ratio, impl=args.impl)
         cm.save(args.profile)
@@ -799,13 +929,16 @@ def print_simulation(args):
     b = cm.block_size
     print(f"SparseBalance ablation, SIMULATED: step times come from {source} x {n_layer} layers "
           f"and a 1F1B simulator (no model runs); DP {dp} x PP {pp}, global batch {gb}, "
-          f"{gb // dp} microbatches per replica, block {b}, k0 {k0}, anchor mean, p {p}, DST unit "
-          f"{unit}, {args.steps} global batches per mix (seed {args.seed}). Synthetic "
-          "routing-coverage curves (gate mass ~ rank^-alpha, alpha ~ U(0.6, 1.4)). Short "
-          "documents may share a microbatch up to the capacity (the longest document).")
+          f"{gb // dp} microbatches per replica, block {b}, k0 {k0}, anchor {args.anchor}, p {p}, "
+          f"DST unit {unit}, microbatch order {args.order}, {args.steps} global batches per mix "
+          f"(seed {args.seed}). Synthetic routing-coverage curves (gate mass ~ rank^-alpha, alpha ~ "
+          "U(0.6, 1.4)). Short documents may share a microbatch up to the capacity (the longest "
+          "document). SAB and LBB pack with the same objective (the predicted 1F1B time of each "
+          "replica), so only their costs differ.")
     print("imbalance rank = max/mean summed compute of the DP replicas; imbalance mb = max/mean "
           "over non-empty microbatches; mean budget/coverage over sequences longer than k0 blocks; "
-          "shortfalls = units still above the anchor at their coverage floor (summed over steps).")
+          "DST runs each sample at max(target, coverage floor), as the layers do; floor > target = "
+          "samples whose floor was above their target (summed over steps).")
     corpus = stdlib_lengths(crop=65536)
     mixes = [("(a) bimodal, ChatQA2-Long-SFT-like (SYNTHETIC mix)",
               lambda n, rng: synthetic_lengths("bimodal", n, rng), 65536),
@@ -816,9 +949,10 @@ def print_simulation(args):
               lambda n, rng: [rng.choice(corpus) for _ in range(n)], 65536)]
     for title, draw, cap in mixes:
         print_table(title, run_ablation(draw, random.Random(args.seed), args.steps, cm, dp, pp,
-                                        gb, k0, p, n_layer, padded(cap, b), unit))
-    wall, cpu, imb = benchmark(cm, k0, p, repeats=args.bench_repeats)
-    print(f"\nplanning (sab) + tuning (DST, unit rank, coverage floors) of 1024 sequences on 64 "
+                                        gb, k0, p, n_layer, padded(cap, b), unit, args.anchor,
+                                        order=args.order))
+    wall, cpu, imb = benchmark(cm, k0, repeats=args.bench_repeats)
+    print(f"\nplanning (sab) + tuning (DST's pre-step half, unit rank) of 1024 sequences on 64 "
           f"ranks x 4 microbatches: {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU (medians of "
           f"{args.bench_repeats} fresh batches, this machine); plan imbalance at k0: "
           f"rank {imb['rank']:.3f}, microbatch {imb['microbatch']:.3f}")

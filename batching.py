@@ -163,9 +163,10 @@ def plan_batches(lengths, world_size, num_microbatches, policy, cost=None, capac
     uses balance.CostModel.analytic(block_size=block_size) at the dense budget. Ignored by
     "naive" and "lbb" (whose cost is fixed by definition). capacity: max padded tokens per
     microbatch, or None. num_microbatches: microbatches per rank, or None for the smallest
-    number that fits `capacity` (1 without a capacity). pipeline_stages: with "sab" and > 1,
-    level 1 balances the predicted 1F1B time of each data-parallel pipeline instead of its sum
-    of latencies (an addition to the paper; "lbb" keeps WLB-LLM's sum of squares).
+    number that fits `capacity` (1 without a capacity). pipeline_stages: > 1 makes level 1 of
+    "lbb" and "sab" alike balance the predicted 1F1B time of each data-parallel pipeline instead
+    of its sum of latencies (an addition to the paper; the same objective for both, so that
+    they are compared fairly: only their costs differ).
     """
     lengths = list(lengths)
     if policy not in POLICIES:
@@ -179,8 +180,10 @@ def plan_batches(lengths, world_size, num_microbatches, policy, cost=None, capac
     if block_size < 1 or pipeline_stages < 1:
         raise ValueError(f"block_size and pipeline_stages must be positive, got {block_size}, "
                          f"{pipeline_stages}")
+    if policy == "sab" and cost is not None and not callable(cost):
+        raise ValueError(f"cost must be a callable length -> seconds, got {type(cost).__name__}")
     for i, length in enumerate(lengths):
-        if not isinstance(length, numbers.Integral) or length < 1:
+        if not isinstance(length, numbers.Integral) or isinstance(length, bool) or length < 1:
             raise ValueError(f"lengths[{i}] = {length!r}: every length must be a positive int "
                              "(drop empty documents before batching)")
     lengths = [int(length) for length in lengths]  # numpy/torch integers -> plain ints
@@ -210,13 +213,16 @@ def plan_batches(lengths, world_size, num_microbatches, policy, cost=None, capac
         for length in lengths:
             if length not in memo:
                 memo[length] = float(cost(length))
+                if not (math.isfinite(memo[length]) and memo[length] >= 0):
+                    raise ValueError(f"cost({length}) = {memo[length]}: costs must be finite "
+                                     "and >= 0 (check the cost model)")
             costs.append(memo[length])
 
     def build(m):
         if policy == "naive":
             return _plan_naive(len(lengths), world_size, m, tokens, capacity)
-        stages = pipeline_stages if policy == "sab" else 1
-        return _plan_two_level(len(lengths), world_size, m, costs, tokens, capacity, stages)
+        return _plan_two_level(len(lengths), world_size, m, costs, tokens, capacity,
+                               pipeline_stages)
 
     if num_microbatches is not None:
         try:
@@ -281,18 +287,33 @@ def imbalance_report(before, after, costs):
             f"microbatch {b['microbatch']:.3f} -> {a['microbatch']:.3f}")
 
 
+def order_for_1f1b(micro_costs):
+    """A rank's microbatch costs reordered for a 1F1B pipeline: the smallest at both ends, the
+    largest in the middle (as verl orders them), so the warm-up and the drain, which the other
+    stages wait through, run the cheap ones. Returns the reordered list."""
+    ranked = sorted(micro_costs)
+    front, back = ranked[0::2], ranked[1::2]
+    return front + back[::-1]
+
+
 class SABState:
-    """SAB's budget estimate: an EMA of recent DST budgets per length bucket (SparseBalance, SAB).
+    """SAB's budget estimate: an EMA of recently used budgets per length bucket (SparseBalance,
+    SAB).
 
     Buckets are powers of two of the length in blocks (1, 2, 3-4, 5-8, ... blocks), so a
-    sequence is predicted from the budgets DST recently gave sequences of similar length. A
-    bucket never seen yet answers k0 (the default budget). train.py calls `update` after each
-    DST call and `cost_fn(cost_model)` before planning the next global batch.
+    sequence is predicted from the budgets sequences of similar length recently ran at. A
+    bucket never seen yet answers k0 (the default budget). The EMA decays once per step (the
+    step's budgets in a bucket are averaged first), so a step with many samples of one length
+    does not wipe out the memory of earlier steps. The Balancer calls `update` after each step
+    and `cost_fn(cost_model)` before planning the next global batch.
     """
 
     def __init__(self, k0, block_size, decay=0.9):
-        if k0 < 1 or block_size < 1 or not 0.0 <= decay < 1.0:
-            raise ValueError("SABState needs k0 >= 1, block_size >= 1 and 0 <= decay < 1")
+        for name, v in (("k0", k0), ("block_size", block_size)):
+            if not (isinstance(v, numbers.Integral) and v >= 1):
+                raise ValueError(f"SABState: {name} must be an int >= 1, got {v!r}")
+        if not (isinstance(decay, (int, float)) and 0.0 <= decay < 1.0):
+            raise ValueError(f"SABState: decay must be in [0, 1), got {decay!r}")
         self.k0, self.block_size, self.decay = int(k0), int(block_size), float(decay)
         self.ema = {}  # bucket -> EMA of budgets (blocks)
 
@@ -301,18 +322,17 @@ class SABState:
         return max(0, (blocks - 1).bit_length())  # ceil(log2(blocks))
 
     def update(self, lengths, budgets):
-        """Fold one step's DST budgets into the EMA. budgets: one per sample, or per layer
-        ([n_layer][S], as tune_budgets returns with per-layer coverage: averaged over layers)."""
-        budgets = list(budgets)
-        if budgets and isinstance(budgets[0], (list, tuple)):
-            budgets = [sum(col) / len(col) for col in zip(*budgets)]
-        lengths = list(lengths)
+        """Fold one step's budgets (one per sample) into the EMA: one decay per bucket and step."""
+        lengths, budgets = list(lengths), [float(k) for k in budgets]
         if len(budgets) != len(lengths):
             raise ValueError(f"{len(lengths)} lengths but {len(budgets)} budgets")
+        if not all(math.isfinite(k) and k >= 1 for k in budgets):
+            raise ValueError(f"budgets must be finite and >= 1, got {budgets}")
+        step = {}
         for length, k in zip(lengths, budgets):
-            b = self.bucket(length)
-            old = self.ema.get(b)
-            k = float(k)
+            step.setdefault(self.bucket(length), []).append(k)
+        for b, ks in step.items():
+            k, old = sum(ks) / len(ks), self.ema.get(b)
             self.ema[b] = k if old is None else self.decay * old + (1 - self.decay) * k
 
     def budget(self, length):

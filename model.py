@@ -59,6 +59,7 @@ class GPTConfig:
     ngram_draft_head: bool = False  # linear head on the embedding output that drafts the next token
     draft_weight: float = 0.1       # weight of the draft head's next-token loss
     rope_base: float = 10000.0      # RoPE frequency base
+    coverage_stride: int = 8        # DST's floor averages routing coverage over every n-th token
 
     def __post_init__(self):
         def need(ok, msg):
@@ -75,7 +76,9 @@ class GPTConfig:
              f"attn_block={self.attn_block} must be a power of two >= 16")
         need(self.max_seq_len > 0 and self.max_seq_len % self.attn_block == 0,
              f"max_seq_len={self.max_seq_len} must be a positive multiple of attn_block={self.attn_block}")
-        need(self.topk >= 1, f"topk={self.topk} must be >= 1 (the diagonal block counts)")
+        need(self.topk >= 1, f"topk={self.topk} must be >= 1 (its own block counts)")
+        need(1 <= self.coverage_stride <= self.attn_block and not self.coverage_stride & (self.coverage_stride - 1),
+             f"coverage_stride={self.coverage_stride} must be a power of two in [1, attn_block]")
         need(self.mlp in ("swiglu", "gelu"), f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
         need(self.ffn_hidden >= 0, "ffn_hidden must be >= 0 (0 = default width)")
         need(self.n_experts >= 0, "n_experts must be >= 0 (0 = dense MLP)")
@@ -230,7 +233,7 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
-def causal_sparse_attention(q, k, v, topk, cu_seqlens, block, k0=None, p=None):
+def causal_sparse_attention(q, k, v, topk, cu_seqlens, block, k0=None, p=None, stride=1):
     """Token-level MoBA for any T: pads q, k, v with zeros at the end up to a block multiple (the
     gate is causal, so no real token sees the padding). -> (y [B, H, T, hd], budgets used [S])."""
     T = q.size(2)
@@ -239,7 +242,7 @@ def causal_sparse_attention(q, k, v, topk, cu_seqlens, block, k0=None, p=None):
         raise ValueError(f"with cu_seqlens, T={T} must be a multiple of attn_block={block}")
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    sel = select_blocks(q, k, topk, cu_seqlens, block, k0=k0, p=p)
+    sel = select_blocks(q, k, topk, cu_seqlens, block, k0=k0, p=p, coverage_stride=stride)
     y = block_sparse_attention(q, k, v, sel.block_idx, sel.block_cnt, block, validate=False)
     return y[:, :, :T], sel.budget
 
@@ -270,7 +273,8 @@ class CausalSelfAttention(nn.Module):
             self.used_budget = topk
         else:
             y, self.used_budget = causal_sparse_attention(q, k, v, topk, cu_seqlens,
-                                                          self.config.attn_block, k0, p)
+                                                          self.config.attn_block, k0, p,
+                                                          self.config.coverage_stride)
         return self.c_proj(rearrange(y, "b h t d -> b t (h d)"))
 
 

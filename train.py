@@ -13,10 +13,13 @@ bf16 autocast, Triton kernels).
 Data: by default the Python standard library's own sources (one file = one document, bytes plus an
 end-of-document id 256); `--data` takes a directory of text files, one text file, or a uint16
 token file (*.bin). A step draws `--batch-size` samples (documents cut to `max_seq_len`), plans
-them across ranks and `--micro` microbatches (batching.py), picks one attention budget per sample
-(balance.py; DST's floors come from layer 0's routing coverage, see `coverage_curves`), and runs the rank's microbatches. Gradients are summed by one explicit all-reduce
-after the last microbatch (see `step`), so a rank with nothing to do still takes part and the
-compute time of every rank can be measured without the wait for the slowest one.
+them across ranks and `--micro` microbatches and gives each sample a latency-target budget
+(balance.Balancer: SAB, then DST's pre-step half), and runs the rank's microbatches; inside every
+layer a sample's budget is raised to that layer's routing-coverage floor (DST's second half, in
+attention.py). Gradients are summed by one explicit all-reduce after the last microbatch (see
+`step`), so a rank with nothing to do still takes part and the compute time of every rank can be
+measured without the wait for the slowest one; one gather then brings the compute times and the
+budgets every layer used back to the Balancer (SAB's estimates, the cost model's correction).
 
 Outputs in --out: metrics.jsonl (one JSON line per step and per evaluation), config.json, and
 ckpt.pt (written atomically; `--resume` continues it exactly, and starts fresh when it is absent,
@@ -41,14 +44,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from einops import rearrange
 from tqdm import tqdm
 
-from attention import routing_coverage
-from balance import CostModel, OnlineCorrection, tune_budgets
-from batching import SABState, padded, plan_batches
-from data import stdlib_files, stdlib_root
-from model import GPT, GPTConfig, apply_rope, doc_positions, rope
+from balance import BALANCE, Balancer, CostModel
+from batching import padded
+from data import draw_mix, stdlib_files, stdlib_root
+from model import GPT, GPTConfig
 
 EOS = 256  # end-of-document id; byte ids are 0..255
 
@@ -63,10 +64,12 @@ PRESETS = {
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, max_seq_len=4096, attn_block=64, topk=16,
                 batch_size=32, micro=0, steps=5000, lr=1e-3, warmup=200, eval_every=500,
                 eval_samples=256, ckpt_every=500),
-    # Long sequences and a narrow model: attention dominates, so budgets move step time (2 CPU ranks).
+    # Long sequences and a narrow model: attention dominates, so budgets move step time. The
+    # bimodal mix (half <= 2K, half >= 12K tokens, like the paper's ChatQA2) leaves real imbalance
+    # to round-robin; 16 samples a step for 4 CPU ranks (bench_balance.sh).
     "balance-demo": dict(n_layer=2, n_head=2, n_embd=64, max_seq_len=16384, attn_block=64, topk=8,
-                         batch_size=6, micro=0, steps=12, lr=2e-3, warmup=3, eval_every=12,
-                         eval_samples=4, ckpt_every=0, balance="sab+dst"),
+                         batch_size=16, micro=0, steps=12, lr=2e-3, warmup=3, eval_every=12,
+                         eval_samples=4, ckpt_every=0, balance="sab+dst", mix="bimodal"),
     # Dense vs MoE (same active parameters) vs N-gram embedding (same total parameters as the MoE).
     "ngram-vs-moe": dict(n_layer=4, n_head=4, n_embd=128, max_seq_len=512, attn_block=64, topk=4,
                          batch_size=16, micro=0, steps=300, lr=3e-3, warmup=30, eval_every=100,
@@ -76,14 +79,11 @@ PRESETS = {
                   batch_size=16, micro=0, steps=300, lr=3e-3, warmup=30, eval_every=100,
                   eval_samples=64, ckpt_every=100, variant="dense"),
 }
-# --balance: (policy for batching.plan_batches, tune budgets with DST?)
-BALANCE = {"none": ("naive", False), "dst": ("naive", True), "lbb": ("lbb", False),
-           "lbb+dst": ("lbb", True), "sab": ("sab", False), "sab+dst": ("sab", True)}
 # Train settings that change the numbers a run produces: a resume must use the same ones to continue
 # exactly (or say --allow-changes). The model's fields must always match (they shape the weights).
 MUST_MATCH = ("data", "seed", "batch_size", "micro", "val_frac", "passkey_frac", "variant", "lr",
               "min_lr_frac", "warmup", "steps", "weight_decay", "grad_clip", "balance", "anchor", "p",
-              "correction", "length_bias")
+              "correction", "length_bias", "mix")
 MAX_BATCH = 1 << 16  # samples per step; more is a typo (every rank plans the whole global batch)
 
 
@@ -123,15 +123,17 @@ def get_args(argv=None):
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     a("--balance", default="none", help=f"{' | '.join(BALANCE)}: batching policy and DST")
     a("--anchor", default="mean", help="DST anchor: mean | min | max (paper: mean)")
-    a("--p", type=float, default=0.1, help="DST threshold: a cut budget keeps at least (1 - p) x the "
-      "routing coverage it has at k0 (coverage floor per sample, from layer 0's gate scores, computed "
-      "each step with a no-grad partial layer; 0 = never cut below k0's coverage)")
+    a("--p", type=float, default=0.1, help="DST threshold: in every layer a sample's budget is raised "
+      "to its floor, the smallest budget keeping (1 - p) x the routing coverage it has at k0 (from "
+      "the gate scores the layer computes anyway; 0 = never below k0's coverage)")
     a("--cost-model", default="analytic", help="analytic (FLOPs) | profile (measure this device once, "
       "saved to OUT/cost_model.json) | path to a CostModel JSON (python balance.py --profile PATH)")
     a("--correction", default="on", help="on | off: scale DST's per-rank predictions by an EMA of "
       "measured/predicted time (adapts to the machine, but makes budgets depend on timings)")
     a("--length-bias", type=float, default=0.0, help="0 = draw samples uniformly; 1 = in proportion to "
       "length (more long documents, the long-context fine-tuning regime)")
+    a("--mix", default=None, help="none | bimodal: half of each step's samples of at most 2K tokens, "
+      "half of at least 12K (like the paper's ChatQA2 mix; needs --max-seq-len >= 12288)")
     a("--eval-every", type=int, help="evaluate every N steps (and at the end)")
     a("--eval-samples", type=int, help="validation samples per evaluation")
     a("--passkey-frac", type=float, default=0.0, help="share of training samples replaced by "
@@ -179,6 +181,7 @@ def check_args(args):
         ("correction", args.correction in ("on", "off"), "choose on or off"),
         ("device", args.device in ("auto", "cpu", "cuda"), "choose auto, cpu or cuda"),
         ("variant", args.variant in (None, "dense", "moe", "ngram"), "choose dense, moe or ngram"),
+        ("mix", args.mix in (None, "none", "bimodal"), "choose none or bimodal"),
         ("lr", args.lr > 0, "must be > 0"),
         ("min_lr_frac", 0 <= args.min_lr_frac <= 1, "must be in [0, 1]"),
         ("weight_decay", args.weight_decay >= 0, "must be >= 0"),
@@ -511,79 +514,38 @@ def evaluate(model, val, filler, cfg, args, rank, world, device, ctx):
 # ------------------------------------------------------------------------------------------------
 # One training step
 
-def plan_step(lengths, args, cfg, world, cost, ema, corr, coverage_fn=None):
-    """Who trains on what (batching.py) and at which budget (balance.py). Pure functions of inputs
-    every rank holds, so every rank computes the same plan and budgets. With DST,
-    `coverage_fn(plan)` -> routing-coverage curves of all samples (sample order, identical on every
-    rank: see `coverage_curves`) gives each sample its coverage floor; without it DST falls back to
-    balance.py's default floor ceil(k0/2) and `--p` has no effect."""
-    policy, dst = BALANCE[args.balance]
-    plan = plan_batches(lengths, world, args.micro or None, policy, cost=ema.cost_fn(cost),
-                        capacity=cfg.max_seq_len, block_size=cfg.attn_block)
-    if dst:
-        budgets = tune_budgets(plan, lengths, cost, anchor=args.anchor, p=args.p, k0=cfg.topk,
-                               coverage=coverage_fn(plan) if coverage_fn else None,
-                               block_size=cfg.attn_block, unit="rank",
-                               rank_scale=corr.factors if args.correction == "on" else None).budgets
-    else:  # the default budget, clipped to each sequence's blocks as DST's budgets are
-        budgets = [min(cfg.topk, -(-n // cfg.attn_block)) for n in lengths]
-    return plan, [int(b) for b in budgets]
-
-
-@torch.no_grad()
-def coverage_curves(model, samples, plan_r, world, device, ctx):
-    """Routing-coverage curves for DST's floors (SparseBalance, DST step 3: coverage at the new
-    budget >= (1 - p) x coverage at k0). Each rank runs the first layer up to its gate on its own
-    samples only (embedding -> first block's norm -> qkv projection -> RoPE: the model's own modules,
-    no attention, no grad), then the curves are all-gathered, so every rank passes identical floors
-    to tune_budgets. Layer 0's gate scores stand in for the per-layer scores the paper uses: one
-    partial layer instead of a full forward. -> list of curves (ragged lists), in sample order."""
-    cfg, blk = model.config, model.blocks[0]
-    mine = {}
-    for micro in (mb for mb in plan_r if mb):
-        x, _, _, cu = make_microbatch([samples[i] for i in micro], cfg.attn_block, device)
-        with ctx:
-            h = blk.norm1(model.embed(x, cu_seqlens=cu))                       # (1, T, D)
-            q, k, _ = rearrange(blk.attn.c_attn(h), "b t (three h d) -> three b h t d",
-                                three=3, h=cfg.n_head)
-        cos, sin = rope(doc_positions(cu, 1, x.size(1)).to(device), cfg.n_embd // cfg.n_head, cfg.rope_base)
-        q, k = apply_rope(q.float(), cos, sin), apply_rope(k.float(), cos, sin)  # (1, H, T, hd)
-        cov = routing_coverage(q, k, cu, cfg.attn_block)                   # [len(micro), KMAX]
-        for i, row in zip(micro, cov.tolist()):
-            mine[i] = row[:-(-(len(samples[i]) - 1) // cfg.attn_block)]   # the sample's own blocks
-    parts = [mine]
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, mine)
-    merged = {i: c for part in parts for i, c in part.items()}
-    return [merged[i] for i in range(len(samples))]
-
-
-def step(model, params, samples, plan_r, budgets, n_global, world, device, ctx):
+def step(model, params, samples, plan_r, targets, layer_args, n_global, world, device, ctx):
     """Run this rank's microbatches, then sum gradients over ranks. Each microbatch's mean loss is
     weighted by its share of the global token count, so the summed gradient is that of the mean
     loss over every token of the step whatever the split. We all-reduce once, by hand, rather than
     through DDP's hooks: a rank with an empty plan still joins the same single collective (no hang),
-    and the clock stops before it, so `compute` is this rank's own work without waiting for others.
-    -> (sum of token losses, compute seconds)."""
+    and the clocks stop before it, so the compute times are this rank's own work without waiting
+    for others (CPU time as well as wall time: on a shared machine the CPU time does not grow when
+    other jobs take the cores). Each sample runs at its DST target, raised in every layer to that
+    layer's coverage floor (`layer_args`: k0 and p); the budgets the layers used are read back.
+    -> (sum of token losses, wall seconds, CPU seconds, used budgets [n_layer][S], 0 for samples
+    of other ranks)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t0, loss_sum = time.perf_counter(), torch.zeros((), device=device, dtype=torch.float64)
+    used = np.zeros((model.config.n_layer, len(targets)))
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     for micro in (mb for mb in plan_r if mb):  # empty microbatches have nothing to compute
         x, y, m, cu = make_microbatch([samples[i] for i in micro], model.config.attn_block, device)
-        topk = torch.tensor([budgets[i] for i in micro], dtype=torch.long, device=device)
+        topk = torch.tensor([targets[i] for i in micro], dtype=torch.long, device=device)
         with ctx:
-            _, loss = model(x, y, cu_seqlens=cu, topk=topk, loss_mask=m)
+            _, loss = model(x, y, cu_seqlens=cu, topk=topk, loss_mask=m, **layer_args)
+        used[:, micro] = model.used_budgets.cpu().numpy()
         n = m.sum()
         (loss * (n / n_global)).backward()
         loss_sum += model.last_losses["lm"].double() * n  # the LM part alone (no MoE/draft terms)
     sync()
-    compute = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if world > 1:  # one flat buffer: unused parameters (an idle rank, unrouted experts) send zeros
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
         dist.all_reduce(flat)
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad = g.view_as(p)
-    return loss_sum.item(), compute
+    return loss_sum.item(), wall, cpu, used
 
 
 # ------------------------------------------------------------------------------------------------
@@ -630,16 +592,16 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
-    ema = SABState(cfg.topk, cfg.attn_block)
-    corr = OnlineCorrection(world)
     if args.cost_model == "analytic":
         cost = CostModel.analytic(block_size=cfg.attn_block, n_embd=cfg.n_embd, n_head=cfg.n_head)
     elif args.cost_model == "profile":  # measured once on rank 0, shared through the file system
         cost_file = os.path.join(args.out, "cost_model.json")
         if master and not os.path.exists(cost_file):  # a resumed run keeps the table it started with
             os.makedirs(args.out, exist_ok=True)
-            lens = sorted({max(2 * cfg.attn_block, cfg.max_seq_len >> i) for i in range(4)})
-            ks = [2 ** i for i in range(12) if 2 ** i <= cfg.max_seq_len // cfg.attn_block]
+            # every length the run can see (powers of two from 2 blocks to max_seq_len) and the
+            # budgets up to 4 x k0 (beyond, the cost per visited block is held constant)
+            lens = sorted({max(2 * cfg.attn_block, cfg.max_seq_len >> i) for i in range(16)})
+            ks = [2 ** i for i in range(12) if 2 ** i <= max(32, 4 * cfg.topk)]
             CostModel.profile(lengths=lens, budgets=ks, n_embd=cfg.n_embd, n_head=cfg.n_head,
                               block_size=cfg.attn_block, device=device).save(cost_file)
         if world > 1:
@@ -656,15 +618,17 @@ def main(argv=None):
     if cost.block_size != cfg.attn_block:
         raise ValueError(f"--cost-model {args.cost_model}: profiled for blocks of {cost.block_size}, the "
                          f"model uses {cfg.attn_block}: profile it again with --block-size {cfg.attn_block}")
+    bal = Balancer(cost, world, args.balance, k0=cfg.topk, p=args.p, anchor=args.anchor,
+                   n_layer=cfg.n_layer, num_microbatches=args.micro or None,
+                   capacity=cfg.max_seq_len, correction=args.correction == "on")
     weights_ok = lambda: bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in params])))
     start = saved = 0  # saved: the step the checkpoint on disk holds
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
-            ema, start = SABState.from_state_dict(ckpt["sab_state"]), int(ckpt["step"])
-            if len(ckpt["correction"]["factors"]) == world:  # a new world size starts it afresh
-                corr.factors, corr.steps = list(ckpt["correction"]["factors"]), ckpt["correction"]["steps"]
+            bal.load_state_dict(dict(sab=ckpt["sab_state"], correction=ckpt["correction"]))
+            start = int(ckpt["step"])
             set_rng_state(ckpt["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise ValueError(f"{ckpt_path}: its contents do not fit this model and optimizer "
@@ -705,15 +669,16 @@ def main(argv=None):
         if master:
             # `step` is also the data position: step s's samples come from default_rng([seed, s]).
             save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=opt.state_dict(), step=s,
-                                            rng=rng_state(), sab_state=ema.state_dict(),
-                                            correction=dict(factors=corr.factors, steps=corr.steps), config=dataclasses.asdict(cfg), train_config=vars(args)))
+                                            rng=rng_state(), **dict(zip(("sab_state", "correction"),
+                                                                        bal.state_dict().values())),
+                                            config=dataclasses.asdict(cfg), train_config=vars(args)))
         if world > 1:
             dist.barrier()  # the checkpoint is complete before any rank moves on (or dies)
         saved = s
 
     lr_min = args.lr * args.min_lr_frac
-    lens = np.array([len(x) for x in train], float)
-    draw = (lens / lens.max()) ** args.length_bias  # divided by the longest: no overflow at any bias
+    train_lens = np.array([len(x) - 1 for x in train])
+    draw = (train_lens / train_lens.max()) ** args.length_bias  # no overflow at any bias
     draw /= draw.sum()  # sampling probabilities (--length-bias)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, dynamic_ncols=True)
     skips = 0  # steps skipped in a row
@@ -735,26 +700,27 @@ def main(argv=None):
             g["lr"] = lr
         # The step's samples: a function of (seed, step) alone, so a resumed run sees the same data.
         rng = np.random.default_rng([args.seed, s])
-        ids = rng.choice(len(train), args.batch_size, replace=len(train) < args.batch_size, p=draw)
+        ids = draw_mix(rng, train_lens, args.batch_size, args.mix, p=draw)
         samples = [train[i] for i in ids]
         for j in np.flatnonzero(rng.random(args.batch_size) < args.passkey_frac):
             L = int(rng.integers(cfg.attn_block, cfg.max_seq_len + 1))
             samples[j] = passkey_sample(rng, train[int(rng.integers(len(train)))], L)[0]
         lengths = [len(x) - 1 for x in samples]  # input tokens; batching pads them to blocks
-        dst_s = 0.0
-        def curves(plan):  # DST only: one no-grad partial layer on this rank's own samples
-            nonlocal dst_s
-            t = time.perf_counter()
-            out = coverage_curves(model, samples, plan[rank], world, device, ctx)
-            dst_s = time.perf_counter() - t
-            return out
-        plan, budgets = plan_step(lengths, args, cfg, world, cost, ema, corr, coverage_fn=curves)
+        plan = bal.plan(lengths)  # SAB + DST's targets: the same on every rank, no communication
         n_global = float(sum(lengths))
 
-        loss_sum, compute = step(model, params, samples, plan[rank], budgets, n_global, world, device, ctx)
-        gathered = all_gather_row([loss_sum, compute], world, device)  # [world, 2]
+        loss_sum, wall, cpu, used = step(model, params, samples, plan.plan[rank], plan.targets,
+                                         bal.layer_args(), n_global, world, device, ctx)
+        # The one collective after the step: losses, compute times, the budgets every layer used,
+        # and a digest of the plan each rank computed on its own (they must all agree).
+        digest = zlib.crc32(repr((plan.plan, plan.targets)).encode())
+        gathered = all_gather_row([loss_sum, wall, cpu, digest] + used.flatten().tolist(), world, device)
+        if (gathered[:, 3] != digest).any():
+            raise TrainingError(f"step {s + 1}: the ranks planned different batches or budgets "
+                                "(the plan must be a pure function of inputs every rank holds)")
         loss = gathered[:, 0].sum().item() / n_global
-        times = gathered[:, 1]
+        walls, cpus = gathered[:, 1], gathered[:, 2]
+        used = gathered[:, 4:].sum(0).view(cfg.n_layer, -1).round().long().tolist()  # one rank each
         norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         skipped = not (math.isfinite(loss) and torch.isfinite(norm))  # same on every rank: same grads
         skips = skips + 1 if skipped else 0
@@ -770,20 +736,16 @@ def main(argv=None):
                                     f"--lr {lr:g} too high?); {kept()}")
         opt.zero_grad(set_to_none=True)
 
-        # Measured balance, fed back into SAB's budget estimates and the cost model's correction.
-        predicted = [cfg.n_layer * sum(cost.predict(lengths[i], budgets[i]) for mb in plan[r] for i in mb)
-                     for r in range(world)]
-        ema.update(lengths, budgets)
-        # DST only compares ranks, so the correction learns each rank's speed relative to the
-        # others: predictions rescaled to the measured total (an analytic model's absolute
-        # seconds can be off by orders of magnitude on a CPU).
-        scale = times.sum().item() / max(sum(predicted), 1e-30)
-        corr.update(times.tolist(), [x * scale for x in predicted])
+        # Measured balance, fed back into SAB's budget estimates and the cost model's correction:
+        # CPU time on CPUs (what the step would take on dedicated cores), wall time on GPUs.
+        times = walls if device.type == "cuda" else cpus
+        obs = bal.observe(plan, used, times.tolist())
         dt = time.perf_counter() - t_step
         m = dict(step=s + 1, loss=loss, lr=lr, grad_norm=norm.item(), skipped=skipped, step_time=dt,
-                 compute=times.tolist(), imbalance=(times.max() / times.mean().clamp_min(1e-9)).item(),
-                 idle=(times.max() - times).mean().item(), mean_budget=float(np.mean(budgets)), predicted=predicted,
-                 tokens=n_global, tok_s=n_global / dt, dst_ms=1000 * dst_s)
+                 compute=walls.tolist(), compute_cpu=cpus.tolist(), critical_path=times.max().item(),
+                 imbalance=(times.max() / times.mean().clamp_min(1e-9)).item(),
+                 idle=(times.max() - times).mean().item(), tokens=n_global, tok_s=n_global / dt,
+                 plan_ms=plan.report["plan_ms"], imbalance_k0=plan.report["imbalance_k0"], **obs)
         record(m)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{m['tok_s']:.0f}", imb=f"{m['imbalance']:.2f}")
         if (s + 1) % args.eval_every == 0 or s + 1 == args.steps:

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import balance
-from balance import (CostModel, OnlineCorrection, coverage_floor, simulate, synthetic_coverage,
+from attention import coverage_floor
+from balance import (Balancer, CostModel, OnlineCorrection, simulate, synthetic_coverage,
                      tune_budgets, visited_blocks)
-from batching import plan_batches
+from batching import check_plan, plan_batches
 
 
 def test_visited_blocks_matches_brute_force():
@@ -94,146 +95,216 @@ def test_profile_builds_a_table_with_a_stand_in_attention(one_thread):  # tests/
     assert all(t > 0 for t in cm.linear) and all(t > 0 for row in cm.attention for t in row)
     # 128 tokens = 2 blocks: budgets 2 and 8 are both dense, measured once and reused
     assert cm.attention[0][1] == cm.attention[0][2]
-    assert {c[0] for c in calls} == {128, 256} and {c[2] for c in calls} == {64}
+    assert {c[0] for c in calls} == {64, 128, 256} and {c[2] for c in calls} == {64}
+    assert cm.call_overhead > 0                  # one block at budget 1: the per-call overhead
     assert cm.predict(256, 2) == pytest.approx(cm.linear[1] + cm.attention[1][1], rel=1e-12)
     rows = balance.check_cost_model(cm, attn_fn=fake_attention, repeats=1, progress=False)
     assert [(L, k) for L, k, _, _ in rows] == [(181, 1), (181, 4)]  # geometric midpoints
     assert all(meas > 0 and pred == cm.predict(L, k) for L, k, meas, pred in rows)
 
 
-def test_coverage_floor_brute_force():
+def test_table_is_monotone_in_the_budget_everywhere_even_with_flat_rows():
+    """A GPU-like table whose attention time hardly moves with the budget: interpolating the rate
+    per visited block made the prediction bulge between grid budgets; it must never fall."""
+    lengths, budgets, b = [1024, 4096, 16384], [1, 2, 4, 8, 16, 32], 64
+    flat = [[1e-3 * x / 1024] * len(budgets) for x in lengths]          # the same time at every k
+    for attention in (flat, random_table(random.Random(1)).attention):
+        grid = lengths if attention is flat else [256, 1024, 4096]
+        cm = CostModel("table", b, lengths=grid, budgets=budgets if attention is flat else [1, 2, 8, 32],
+                       linear=[1e-6 * x for x in grid], attention=attention)
+        for L in (700, 1024, 2000, 4096, 9000, 16384, 30000):
+            n = -(-L // b)
+            times = [cm.predict(L, k) for k in range(1, n + 2)]
+            assert all(x <= y * (1 + 1e-12) for x, y in zip(times, times[1:])), L
+
+
+def test_packed_microbatch_pays_fixed_costs_once():
+    """A microbatch runs as one packed row: eight 2K documents cost no more than one dense 16K
+    document (8 x less attention work), although eight separate calls would cost more."""
+    b, lengths, budgets = 64, [2048, 4096, 8192, 16384], [1, 4, 16, 64, 256]
+    over, fixed = 5e-3, 1e-3                                            # per call, per row
+    cm = CostModel("table", b, lengths=lengths, budgets=budgets,
+                   linear=[fixed + 1e-7 * x for x in lengths],
+                   attention=[[over + 1e-6 * visited_blocks(x // b, k) for k in budgets]
+                              for x in lengths], call_overhead=over)
+    assert cm.fixed == pytest.approx(over + fixed)
+    packed = cm.predict_microbatch([2048] * 8, [None] * 8)
+    assert packed <= cm.predict(16384, None)
+    assert 8 * cm.predict(2048, None) > cm.predict(16384, None) > packed - 1e-12
+    assert packed == pytest.approx(cm.fixed + 8 * (cm.predict(2048, None) - cm.fixed))
+    assert cm.predict_microbatch([], []) == 0.0
+    with pytest.raises(ValueError, match="one budget per length"):
+        cm.predict_microbatch([100, 200], [1])
+
+
+def test_synthetic_curves_and_their_floors():
     rng = random.Random(0)
-    for _ in range(50):
-        n = rng.randint(1, 40)
-        curve = synthetic_coverage(n, rng.uniform(0.3, 2.0))
-        assert all(a <= b + 1e-12 for a, b in zip(curve, curve[1:]))
-        assert curve[-1] == pytest.approx(1)
-        k0, p = rng.randint(1, 48), rng.choice([0.0, 0.1, 0.3])
-        c0 = curve[k0 - 1] if k0 <= n else 1.0
-        cov = lambda k: curve[k - 1] if k <= n else 1.0  # noqa: E731
-        want = next(k for k in range(1, 100) if cov(k) >= (1 - p) * c0 - 1e-12)
-        assert coverage_floor(curve, k0, p) == want
+    curves = [synthetic_coverage(rng.randint(1, 40), rng.uniform(0.3, 2.0)) for _ in range(50)]
+    for c in curves:
+        assert all(a <= b + 1e-12 for a, b in zip(c, c[1:])) and c[-1] == pytest.approx(1)
+    k0, p = 6, 0.2
+    for c, f in zip(curves, balance._floors(curves, k0, p)):
+        want = next(k for k in range(1, len(c) + 1) if c[k - 1] >= (1 - p) * c[min(k0, len(c)) - 1] - 1e-6)
+        assert f == want
 
 
 def dst_case(seed, world=4, m=2, n=24, block=64):
     rng = random.Random(seed)
     lengths = [rng.choice([rng.randint(100, 1000), rng.randint(2000, 8000)]) for _ in range(n)]
-    curves = [synthetic_coverage(-(-x // block), rng.uniform(0.5, 1.5)) for x in lengths]
     cm = CostModel.analytic(block_size=block, n_embd=64, n_head=2)
     plan = plan_batches(lengths, world, m, "naive", block_size=block)
-    return lengths, curves, cm, plan
+    return lengths, cm, plan
 
 
-def unit_loads(res, plan, lengths, cm, unit):
+def unit_loads(budgets, plan, lengths, cm, unit):
     out = []
-    for r, rank in enumerate(plan):
-        groups = [[i for micro in rank for i in micro]] if unit == "rank" else rank
-        out += [sum(cm.predict(lengths[i], res.budgets[i]) for i in g) for g in groups if g]
+    for rank in plan:
+        groups = [[m for m in rank if m]] if unit == "rank" else [[m] for m in rank if m]
+        out += [sum(cm.predict_microbatch([lengths[i] for i in m], [budgets[i] for i in m])
+                    for m in g) for g in groups if g]
     return out
 
 
 @pytest.mark.parametrize("unit", ["rank", "microbatch"])
 @pytest.mark.parametrize("seed", range(4))
-def test_dst_floor_anchor_growth_determinism(unit, seed):
-    lengths, curves, cm, plan = dst_case(seed)
-    k0, p = 16, 0.1
-    res = tune_budgets(plan, lengths, cm, "mean", p, k0, coverage=curves, unit=unit)
+def test_dst_targets_meet_the_anchor_and_never_lengthen_the_step(unit, seed):
+    lengths, cm, plan = dst_case(seed)
+    k0 = 16
+    res = tune_budgets(plan, lengths, cm, "mean", k0, unit=unit)
     blocks = [-(-x // 64) for x in lengths]
-    for i, (b, f) in enumerate(zip(res.budgets, res.floors)):
-        assert f == min(blocks[i], coverage_floor(curves[i], k0, p))
-        assert min(blocks[i], f) <= b <= blocks[i]                       # never below the floor
-        assert curves[i][b - 1] >= (1 - p) * curves[i][min(k0, blocks[i]) - 1] - 1e-12
-    loads = unit_loads(res, plan, lengths, cm, unit)
+    assert all(1 <= b <= n for b, n in zip(res.budgets, blocks))
+    loads = unit_loads(res.budgets, plan, lengths, cm, unit)
     assert loads == pytest.approx(res.loads, rel=1e-9)
     assert res.anchor == pytest.approx(sum(res.loads_k0) / len(res.loads_k0))
-    short = {u for u, _, _ in res.shortfalls}
+    short = {u for u, _ in res.shortfalls}
     for u, before, after in zip(res.units, res.loads_k0, res.loads):
         if u not in short:
             assert after <= res.anchor * (1 + 1e-9)                      # meets the anchor
         if before > res.anchor:
             assert after <= before                                       # stragglers only shrink
+    rank_at = lambda budgets: [sum(cm.predict_microbatch([lengths[i] for i in m], [budgets[i] for i in m])  # noqa: E731
+                                   for m in rank) for rank in plan]
+    at_k0 = rank_at([min(k0, n) for n in blocks])
+    assert max(rank_at(res.budgets)) <= max(at_k0) * (1 + 1e-9)         # the step got no longer
     assert max(res.loads) < max(res.loads_k0)
-    assert res == tune_budgets(plan, lengths, cm, "mean", p, k0, coverage=curves, unit=unit)
+    assert res == tune_budgets(plan, lengths, cm, "mean", k0, unit=unit)  # deterministic
 
 
-def test_dst_single_sample_units_are_maximal_and_grow():
-    # one sample per microbatch: the chosen budget is the largest one meeting the anchor
-    lengths = [8000, 3000, 6000, 1500, 7000, 2500]
+@pytest.mark.parametrize("lengths", [[8000, 3000, 6000, 1500, 7000, 2500],
+                                     [8000, 8000, 8000, 8000, 2000, 300]])
+def test_dst_levels_are_maximal(lengths):
+    """Stragglers take the largest level meeting the anchor; the others the largest level that
+    keeps them within the anchor and the slowest rank (growth never lengthens the step)."""
     cm = CostModel.analytic(block_size=64, n_embd=64, n_head=2)
     plan = plan_batches(lengths, 3, 2, "naive")
     k0 = 8
-    res = tune_budgets(plan, lengths, cm, "mean", 0.5, k0, unit="microbatch", default_floor=0.25)
+    res = tune_budgets(plan, lengths, cm, "mean", k0, unit="rank")
+    rank_load = lambda r, k: sum(cm.predict_microbatch([lengths[i] for i in m],  # noqa: E731
+                                                        [min(k, -(-lengths[i] // 64)) for i in m])
+                                 for m in plan[r])
+    level = [max(res.budgets[i] for m in rank for i in m) for rank in plan]
+    final = [sum(cm.predict_microbatch([lengths[i] for i in m], [res.budgets[i] for i in m])
+                 for m in rank) for rank in plan]
     grew = 0
-    for i, L in enumerate(lengths):
-        n, b = -(-L // 64), res.budgets[i]
-        if b < n:  # one more block would overshoot the anchor
-            assert cm.predict(L, b + 1) > res.anchor
-        grew += b > k0
-        if cm.predict(L, k0) <= res.anchor:
-            assert b >= min(n, k0)
-        else:
-            assert b <= k0
-    assert grew >= 1  # under-loaded microbatches took free accuracy
-    assert res.feasible
+    for r in range(3):
+        top = max(-(-lengths[i] // 64) for m in plan[r] for i in m)
+        if rank_load(r, k0) > res.anchor:
+            assert level[r] < k0 and rank_load(r, level[r] + 1) > res.anchor
+        elif level[r] < top:
+            others = max(f for rr, f in enumerate(final) if rr != r)
+            assert rank_load(r, level[r] + 1) > min(res.anchor, max(others, final[r]))
+        grew += level[r] > k0
+    assert not res.shortfalls
+    assert grew >= (1 if lengths[-1] == 300 else 0)  # an idle rank takes free accuracy
 
 
-def test_dst_fallback_keeps_floors_and_reports():
-    # coverage that is flat below k0 and p = 0: the floor is k0 itself, nobody can shrink
-    lengths = [20_000, 1_000, 1_000, 1_000]
-    cm = CostModel.analytic(block_size=64, n_embd=64, n_head=2)
-    plan = [[[0]], [[1]], [[2]], [[3]]]
-    k0 = 8
-    curves = [[0.0] * (k0 - 1) + [1.0] * (-(-x // 64) - k0 + 1) for x in lengths]
-    res = tune_budgets(plan, lengths, cm, "mean", 0.0, k0, coverage=curves, unit="rank")
-    assert res.budgets[0] == res.floors[0] == k0
-    assert not res.feasible and [u for u, _, _ in res.shortfalls] == [(0,)]
-    assert res.shortfalls[0][2] == pytest.approx(cm.predict(20_000, k0) - res.anchor)
-    assert "1 unit(s) above the anchor" in res.summary()
-
-
-def test_dst_anchors_per_layer_rank_scale_and_tensor_input():
-    lengths, curves, cm, plan = dst_case(7)
+def test_dst_anchors_and_rank_scale():
+    lengths, cm, plan = dst_case(7)
     k0 = 16
-    width = max(len(c) for c in curves)
-    padded = torch.tensor([c + [1.0] * (width - len(c)) for c in curves])  # [S, KMAX] like
-    res_t = tune_budgets(plan, lengths, cm, "mean", 0.1, k0, coverage=padded)
-    res_l = tune_budgets(plan, lengths, cm, "mean", 0.1, k0, coverage=curves)
-    assert res_t.budgets == res_l.budgets
-    hi = tune_budgets(plan, lengths, cm, "max", 0.1, k0, coverage=curves)
     blocks = [-(-x // 64) for x in lengths]
+    mean = tune_budgets(plan, lengths, cm, "mean", k0)
+    hi = tune_budgets(plan, lengths, cm, "max", k0)
     assert all(b >= min(n, k0) for b, n in zip(hi.budgets, blocks))  # MAX: nobody shrinks
-    lo = tune_budgets(plan, lengths, cm, "min", 0.1, k0, coverage=curves)
+    lo = tune_budgets(plan, lengths, cm, "min", k0)
     assert all(b <= min(n, k0) for b, n in zip(lo.budgets, blocks))  # MIN: nobody grows above k0
-    # per-layer curves: [n_layer, S, KMAX] -> budgets [n_layer][S], each layer above its floors
-    layered = torch.stack([padded, padded.pow(2)])
-    res = tune_budgets(plan, lengths, cm, "mean", 0.1, k0, coverage=layered)
-    assert len(res.budgets) == 2 and res.budgets[0] == res_t.budgets
-    assert all(b >= f for lb, lf in zip(res.budgets, res.floors) for b, f in zip(lb, lf))
     # a rank measured 3x slower than predicted becomes a straggler and gets smaller budgets
-    slow = tune_budgets(plan, lengths, cm, "mean", 0.1, k0, coverage=curves,
-                        rank_scale=[3.0, 1.0, 1.0, 1.0])
+    slow = tune_budgets(plan, lengths, cm, "mean", k0, rank_scale=[3.0, 1.0, 1.0, 1.0])
     r0 = [i for micro in plan[0] for i in micro]
-    assert sum(slow.budgets[i] for i in r0) < sum(res_l.budgets[i] for i in r0)
+    assert sum(slow.budgets[i] for i in r0) < sum(mean.budgets[i] for i in r0)
 
 
 def test_dst_bad_inputs():
-    lengths, curves, cm, plan = dst_case(0)
-    with pytest.raises(ValueError, match="anchor"):
-        tune_budgets(plan, lengths, cm, "median")
-    with pytest.raises(ValueError, match="one curve per sample"):
-        tune_budgets(plan, lengths, cm, coverage=curves[:-1], k0=16)
-    with pytest.raises(ValueError, match="block_size"):
-        tune_budgets(plan, lengths, cm, k0=16, block_size=128)
+    lengths, cm, plan = dst_case(0)
+    for kw, msg in ((dict(anchor="median"), "anchor"), (dict(k0=0), "k0"), (dict(k0=2.5), "k0"),
+                    (dict(block_size=128), "block_size"), (dict(unit="node"), "unit"),
+                    (dict(rank_scale=[1.0, float("nan"), 1.0, 1.0]), "rank_scale"),
+                    (dict(rank_scale=[1.0]), "rank_scale")):
+        with pytest.raises(ValueError, match=msg):
+            tune_budgets(plan, lengths, cm, **{"k0": 16, **kw})
     with pytest.raises(ValueError, match="exactly once"):
         tune_budgets([[[0, 1]], [[1]]], [100, 100], cm, k0=4)
+    with pytest.raises(ValueError, match="lengths"):
+        tune_budgets([[[0]]], [0], cm, k0=4)
 
 
-def test_online_correction():
+def test_online_correction_learns_scale_and_relative_speed():
     corr = OnlineCorrection(2, decay=0.5)
-    corr.update([2.0, 1.0], [1.0, 1.0])
-    assert corr.factors == [2.0, 1.0]  # first step: the ratio itself
-    corr.update([1.0, 100.0], [1.0, 1.0])
-    assert corr.factors == pytest.approx([1.5, 0.5 * 1.0 + 0.5 * 10.0])  # ratio clipped at 10
+    corr.update([2.0, 1.0], [0.01, 0.01])        # absolute seconds 150x off: the scale takes it
+    assert corr.scale == pytest.approx(150.0) and corr.factors == pytest.approx([4 / 3, 2 / 3])
+    assert corr.corrected([0.01, 0.01]) == pytest.approx([2.0, 1.0])
+    corr.update([3.0, 3.0], [0.01, 0.01])
+    assert corr.scale == pytest.approx(0.5 * 150 + 0.5 * 300)
+    assert corr.factors == pytest.approx([0.5 * 4 / 3 + 0.5, 0.5 * 2 / 3 + 0.5])
+    corr.update([0.0, 0.0], [0.0, 0.0])          # nothing ran: nothing learnt
+    assert corr.steps == 2
+    for bad in (([float("nan"), 1.0], [1.0, 1.0]), ([1.0, 1.0], [-1.0, 1.0]), ([1.0], [1.0])):
+        with pytest.raises(ValueError):
+            corr.update(*bad)
+    with pytest.raises(ValueError):
+        OnlineCorrection(0)
+
+
+def test_balancer_plan_is_pure_and_observe_moves_the_estimates():
+    rng = random.Random(3)
+    cm = CostModel.analytic(block_size=64, n_embd=64, n_head=2)
+    make = lambda: Balancer(cm, 4, "sab+dst", k0=8, p=0.1, n_layer=2, capacity=16384)  # noqa: E731
+    a, b = make(), make()
+    for _ in range(3):  # two "ranks": same inputs, same plans, every sample once
+        lengths = [rng.choice([rng.randint(100, 2000), rng.randint(12000, 16000)]) for _ in range(16)]
+        pa, pb = a.plan(lengths), b.plan(lengths)
+        assert (pa.plan, pa.targets, pa.predicted) == (pb.plan, pb.targets, pb.predicted)
+        check_plan(pa.plan, 16)
+        used = [[t + 2 * (i % 3 == 0) for i, t in enumerate(pa.targets)], list(pa.targets)]
+        times = [1.0, 2.0, 1.5, 1.2]
+        la, lb = a.observe(pa, used, times), b.observe(pb, used, times)
+        assert la == lb
+        assert la["floor_above_target"] == sum(i % 3 == 0 for i in range(16))   # counted
+        assert la["mean_budget_layer"] == pytest.approx([sum(used[0]) / 16, sum(used[1]) / 16])
+    assert a.corr.steps == 2                     # the first observed step is a warm-up
+    assert a.sab.ema and a.state_dict() == b.state_dict()
+    with pytest.raises(ValueError, match="n_layer"):
+        a.observe(pa, used[:1], times)
+    with pytest.raises(ValueError, match="balance"):
+        Balancer(cm, 4, "sab+magic")
+    none = Balancer(cm, 4, "none", k0=8)
+    step = none.plan([100, 5000, 20000])
+    assert step.targets == [2, 8, 8] and none.layer_args() == {}
+
+
+@pytest.mark.parametrize("anchor", ["max", "mean"])
+def test_dst_growth_never_lengthens_the_pipeline(anchor):
+    """On the same plan, DST's targets never make the 1F1B step (DP 2 x PP 4) slower than k0:
+    with the MAX anchor nobody shrinks, and growth stops at the slowest pipeline's time."""
+    cm = CostModel.analytic(block_size=256, n_embd=2048, n_head=16, mlp_ratio=8)
+    rng = random.Random(0)
+    for _ in range(20):
+        lengths = balance.synthetic_lengths("bimodal", 16, rng)
+        plan = plan_batches(lengths, 2, 8, "sab", cost=lambda x: cm.predict(x, 32), capacity=65536,
+                            block_size=256, pipeline_stages=4)
+        step = lambda ks: simulate([[cm.predict_microbatch([lengths[i] for i in m], [ks[i] for i in m])  # noqa: E731
+                                     for m in rank] for rank in plan], pp=4).step_time
+        res = tune_budgets(plan, lengths, cm, anchor, 32, unit="microbatch", pipeline_stages=4)
+        assert step(res.budgets) <= step([32] * 16) * (1 + 1e-9)
 
 
 def test_simulate_hand_computed_1f1b():
@@ -262,8 +333,17 @@ def test_simulate_dp_only_is_sum_and_empty_microbatches_are_free():
         simulate([[1.0], [1.0, 2.0]])
 
 
-def test_simulate_cli_prints_tables(capsys):
-    balance.main(["--simulate", "--steps", "2", "--bench-repeats", "2"])
+@pytest.mark.parametrize("extra", [[], ["--order", "1f1b", "--anchor", "max"]])
+def test_simulate_cli_prints_tables(capsys, extra):
+    balance.main(["--simulate", "--steps", "2", "--bench-repeats", "2", *extra])
     out = capsys.readouterr().out
     assert out.count("| + SAB + DST |") == 3 and "SIMULATED" in out and "SYNTHETIC" in out
-    assert "1024 sequences on 64 ranks" in out
+    assert "1024 sequences on 64 ranks" in out and "same objective" in out
+    assert ("order 1f1b" in out) == bool(extra)
+
+
+@pytest.mark.parametrize("kw", [dict(n_embd=float("nan")), dict(attn_flops=-1.0), dict(n_head=0),
+                                dict(block_size=0), dict(linear_flops=float("inf"))])
+def test_analytic_cost_model_refuses_bad_numbers(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        CostModel.analytic(**kw)

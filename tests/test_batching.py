@@ -4,7 +4,7 @@ import random
 import pytest
 
 from balance import CostModel
-from batching import (SABState, check_plan, imbalance, imbalance_report, lbb_cost, padded,
+from batching import (SABState, check_plan, imbalance, imbalance_report, lbb_cost, order_for_1f1b, padded,
                       plan_batches)
 
 
@@ -131,32 +131,57 @@ def test_check_plan_rejects_broken_plans():
         check_plan([[[0], []], [[1]]], 2)
 
 
-def test_sab_state_ema_and_cost_fn():
+def test_sab_state_ema_decays_once_per_step_and_cost_fn():
     state = SABState(k0=32, block_size=256, decay=0.5)
     assert state.budget(100_000) == 32  # nothing seen yet: k0
     state.update([20_000, 30_000], [10, 30])  # 79 and 118 blocks: buckets 7 and 7
     assert state.bucket(20_000) == state.bucket(30_000) == 7
-    assert state.ema[7] == pytest.approx(0.5 * 10 + 0.5 * 30)
+    assert state.ema[7] == pytest.approx(20.0)       # first step: the step's mean
     assert state.budget(25_000) == 20 and state.budget(1000) == 32
-    state.update([20_000], [[4], [8]])  # per-layer budgets: averaged over layers (6)
-    assert state.ema[7] == pytest.approx(13.0)
+    # one decay per step, however many samples: 9 samples at 4 count as one step at 4
+    state.update([20_000] * 9, [4] * 9)
+    assert state.ema[7] == pytest.approx(0.5 * 20 + 0.5 * 4)
 
     class Spy:
         def predict(self, seq_len, topk):
             return seq_len * 1000 + topk
-    assert state.cost_fn(Spy())(20_000) == 20_000 * 1000 + 13
+    assert state.cost_fn(Spy())(20_000) == 20_000 * 1000 + 12
     again = SABState.from_state_dict(state.state_dict())
-    assert again.ema == state.ema and again.budget(20_000) == 13
+    assert again.ema == state.ema and again.budget(20_000) == 12
+    for bad in (dict(k0=0, block_size=64), dict(k0=4, block_size=64, decay=1.0),
+                dict(k0=4, block_size=64, decay=float("nan")), dict(k0=2.5, block_size=64)):
+        with pytest.raises(ValueError):
+            SABState(**bad)
+    with pytest.raises(ValueError, match="finite"):
+        state.update([100], [float("nan")])
 
 
-def test_pipeline_aware_level_one_matches_greedy_reference():
-    # with pipeline_stages = P, "sab" gives each sample (heaviest first) to the rank whose
-    # predicted 1F1B time (sum + (P - 1) * largest) / P grows least: a direct O(n * ranks) twin
+def test_order_for_1f1b_puts_small_microbatches_at_both_ends():
+    assert order_for_1f1b([5, 1, 4, 2, 3]) == [1, 3, 5, 4, 2]
+    assert order_for_1f1b([]) == [] and order_for_1f1b([7]) == [7]
+    costs = [random.Random(1).random() for _ in range(9)]
+    out = order_for_1f1b(costs)
+    assert sorted(out) == sorted(costs) and max(out) == out[len(out) // 2]
+
+
+def test_bad_costs_are_refused():
+    with pytest.raises(ValueError, match="finite"):
+        plan_batches([100, 200], 2, 1, "sab", cost=lambda x: float("nan"))
+    with pytest.raises(ValueError, match="finite"):
+        plan_batches([100, 200], 2, 1, "sab", cost=lambda x: -1.0)
+    with pytest.raises(ValueError, match="positive int"):
+        plan_batches([100, True], 2, 1, "lbb")
+
+
+@pytest.mark.parametrize("policy", ["sab", "lbb"])
+def test_pipeline_aware_level_one_matches_greedy_reference(policy):
+    # with pipeline_stages = P, "sab" and "lbb" alike give each sample (heaviest first) to the rank
+    # whose predicted 1F1B time (sum + (P - 1) * largest) / P grows least: a direct twin
     rng = random.Random(4)
     lengths = [rng.randint(1, 400) for _ in range(40)]
-    cost = lambda x: float(x * x % 997 + 1)  # integer-valued: no rounding ties  # noqa: E731
+    cost = (lambda x: float(x * x % 997 + 1)) if policy == "sab" else (lambda x: float(x * x))  # noqa: E731
     P, world = 4, 3
-    plan = plan_batches(lengths, world, 5, "sab", cost=cost, pipeline_stages=P)
+    plan = plan_batches(lengths, world, 5, policy, cost=cost, pipeline_stages=P)
     total, top, want = [0.0] * world, [0.0] * world, [set() for _ in range(world)]
     for i in sorted(range(40), key=lambda i: (-cost(lengths[i]), i)):
         c = cost(lengths[i])
@@ -164,5 +189,3 @@ def test_pipeline_aware_level_one_matches_greedy_reference():
         total[r], top[r] = total[r] + c, max(top[r], c)
         want[r].add(i)
     assert [{i for micro in rank for i in micro} for rank in plan] == want
-    assert plan_batches(lengths, world, 5, "lbb", pipeline_stages=P) == \
-        plan_batches(lengths, world, 5, "lbb")  # LBB keeps WLB-LLM's sum of squares

@@ -213,7 +213,7 @@ def test_cache_errors():
 
 
 # ------------------------------------------------------------------------------ attention
-def dense_attention(q, k, v, topk, cu_seqlens=None, block=64, k0=None, p=None):
+def dense_attention(q, k, v, topk, cu_seqlens=None, block=64, k0=None, p=None, stride=1):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True), topk
 
 

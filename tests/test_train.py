@@ -137,6 +137,10 @@ def test_two_ranks_train_in_sync_and_log(reference):
     losses = [steps[s]["loss"] for s in range(1, 9)]
     assert np.mean(losses[-2:]) < losses[0] - 0.1  # loss falls
     assert all(len(steps[s]["compute"]) == 2 and steps[s]["imbalance"] >= 1 for s in steps)
+    # the Balancer's logs: budgets per layer, floors above targets, predicted vs measured
+    assert all(len(steps[s]["mean_budget_layer"]) == 1 and steps[s]["mean_budget"] >= 1
+               and steps[s]["floor_above_target"] >= 0 and len(steps[s]["predicted"]) == 2 for s in steps)
+    assert all(steps[s]["pred_err"] >= 0 for s in steps)
     evals = [r for r in recs if "val_bpb" in r]
     assert [r["step"] for r in evals] == [4, 8] and all(0 < r["val_bpb"] < 9 for r in evals)
     # passkey accuracy for contexts T/4, T/2, T at budgets k0/2, k0 and dense (8 blocks)
@@ -220,39 +224,24 @@ def test_ngram_vs_moe_variants_match_active_and_total_parameters():
 
 # ---------------------------------------------------------------------------------- DST floors
 
-def test_coverage_curves_match_the_forward_pass_and_p_moves_the_floors(monkeypatch):
-    """coverage_curves must see the q, k the first layer's attention really gets (captured from a
-    full forward, one sample at a time), and with real curves --p must change DST's floors."""
-    import model as model_mod
-    from balance import CostModel, coverage_floor, tune_budgets
-    from attention import routing_coverage
+def test_step_runs_dst_targets_raised_to_each_layers_floor():
+    """DST's second half inside the layers: `step` runs each sample at its target, every layer
+    raises it to its own coverage floor, and the budgets it reports are the ones the model used."""
     torch.manual_seed(0)
     cfg = train.GPTConfig(n_layer=2, n_head=2, n_embd=32, max_seq_len=512, attn_block=32, topk=4)
     gpt = GPT(cfg)
+    params = list(gpt.parameters())
     rng = np.random.default_rng(0)
-    samples = [rng.integers(0, 256, n + 1).astype(np.uint16) for n in (480, 250, 100, 64, 31)]
-    plan = [[[0], []], [[1, 2], [3, 4]]]  # rank 0 holds the long sample: the straggler
-    curves = train.coverage_curves(gpt, samples, plan[0] + plan[1], 1, torch.device("cpu"), nullcontext())
-
-    seen = []
-    real = model_mod.causal_sparse_attention
-    monkeypatch.setattr(model_mod, "causal_sparse_attention",
-                        lambda q, k, v, *a: seen.append((q, k)) or real(q, k, v, *a))
-    for s, curve in zip(samples, curves):
-        x, _, _, cu = train.make_microbatch([s], 32, "cpu")
-        seen.clear()
-        with torch.no_grad():
-            gpt(x, cu_seqlens=cu)
-        ref = routing_coverage(*seen[0], cu, 32)[0]  # layer 0, this sample alone
-        assert len(curve) == -(-(len(s) - 1) // 32)
-        assert torch.allclose(torch.tensor(curve), ref[:len(curve)], atol=1e-5)
-
-    lengths = [len(s) - 1 for s in samples]
-    cost = CostModel.analytic(block_size=32, n_embd=32, n_head=2)
-    res = {p: tune_budgets(plan, lengths, cost, p=p, k0=4, coverage=curves, block_size=32)
-           for p in (0.0, 0.5)}
-    for p, r in res.items():
-        assert r.floors == [min(-(-n // 32), coverage_floor(c, 4, p)) for n, c in zip(lengths, curves)]
-        assert all(b >= f for b, f in zip(r.budgets, r.floors))
-    assert res[0.0].floors[0] == 4 and res[0.5].floors[0] < 4  # p = 0: no coverage may be lost
-    assert res[0.5].budgets[0] < res[0.0].budgets[0] == 4      # so only p > 0 cuts the straggler
+    samples = [rng.integers(0, 256, n + 1).astype(np.uint16) for n in (480, 250, 100)]
+    plan_r = [[0], [1, 2]]
+    targets = [1, 2, 1]
+    args = (gpt, params, samples, plan_r, targets)
+    _, _, cpu, used = train.step(*args, dict(k0=4, p=0.1), 830.0, 1, torch.device("cpu"), nullcontext())
+    assert cpu > 0 and used.shape == (2, 3)
+    assert (used >= np.array(targets)).all() and (used > np.array(targets)).any()  # floors bite
+    x, _, _, cu = train.make_microbatch([samples[1], samples[2]], 32, "cpu")
+    with torch.no_grad():
+        gpt(x, cu_seqlens=cu, topk=torch.tensor([2, 1]), k0=4, p=0.1)
+    assert gpt.used_budgets.tolist() == used[:, [1, 2]].tolist()
+    _, _, _, fixed = train.step(*args, {}, 830.0, 1, torch.device("cpu"), nullcontext())
+    assert (fixed == np.array(targets)).all()                       # no p: the targets as given
