@@ -299,7 +299,8 @@ class MoE(nn.Module):
     """Mixture of `n_experts` MLPs; each token goes to its top-`expert_topk` experts by router
     softmax, weighted by the renormalised probabilities. The Switch Transformer auxiliary loss
     E * sum_e f_e P_e (f_e: share of routed slots, P_e: mean router probability) is 1 when balanced
-    and is left in `self.aux_loss`. Experts run one after another: clear, not fast."""
+    and is left in `self.aux_loss`. Experts run one after another: clear, not fast; in eval mode
+    those without tokens are skipped (what decoding at batch 1 gains from sparsity)."""
 
     def __init__(self, config):
         super().__init__()
@@ -307,6 +308,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_experts))
         self.aux_loss = None
+        self.experts_used = 0                                          # after a forward
 
     def route(self, x):
         """x (N, D) -> weights (N, k) summing to 1, experts (N, k) distinct, aux loss (scalar)."""
@@ -322,8 +324,12 @@ class MoE(nn.Module):
         x = rearrange(x, "b t d -> (b t) d")
         weights, experts, self.aux_loss = self.route(x)
         out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):   # an expert without tokens still runs (on zero
-            tok, slot = torch.where(experts == e)   # rows), so DDP sees a gradient for every weight
+        self.experts_used = 0                       # distinct experts this forward read (decoding
+        for e, expert in enumerate(self.experts):   # cost: each one's weights are loaded)
+            tok, slot = torch.where(experts == e)
+            if len(tok) == 0 and not self.training:  # in training an expert without tokens still
+                continue                             # runs (on zero rows): DDP needs every gradient
+            self.experts_used += len(tok) > 0
             out.index_add_(0, tok, (weights[tok, slot, None] * expert(x[tok])).to(out.dtype))
         return rearrange(out, "(b t) d -> b t d", b=B)
 

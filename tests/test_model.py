@@ -287,10 +287,16 @@ def test_moe_routing_and_output():
     assert math.isfinite(aux.item())
     ref = torch.stack([sum(w[n, j] * moe.experts[e[n, j]](flat[n]) for j in range(2)) for n in range(9)])
     torch.testing.assert_close(moe(x)[0], ref, atol=1e-6, rtol=1e-5)
+    assert moe.experts_used == len(set(e.flatten().tolist()))
     with torch.no_grad():                                            # route everything to 0 and 1
         moe.router.weight.zero_()
         moe.router.weight[:2] = 1.0
-    moe(x.abs()).sum().backward()
+        y_eval = moe(x.abs())                                        # eval: experts 2, 3 skipped
+        assert moe.experts_used == 2
+    moe.train()
+    y = moe(x.abs())
+    torch.testing.assert_close(y, y_eval, atol=0, rtol=0)           # skipping changes nothing
+    y.sum().backward()
     assert all(p.grad is not None for p in moe.parameters())        # unused experts too (DDP)
 
 
