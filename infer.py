@@ -112,6 +112,14 @@ def sample(probs, generator=None):
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits [B, V] -> [B, 1]. Greedy is the argmax itself: the same token
+    as sampling its one-hot distribution, without building it (a per-token cost at small sizes)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    return sample(logits_to_probs(logits, temperature, top_k, top_p), generator)
+
+
 # -----------------------------------------------------------------------------
 # Plain generation: prefill once, then one token per forward over the KV cache
 
@@ -145,7 +153,7 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         logits, _ = model(tok, cache=cache)  # (B, 1, V)
-        tok = sample(logits_to_probs(logits[:, -1], temperature, top_k, top_p), generator)  # (B, 1)
+        tok = next_token(logits[:, -1], temperature, top_k, top_p, generator)  # (B, 1)
         out.append(tok)
         if callback is not None:
             callback(tok)
@@ -167,7 +175,7 @@ def generate_recompute(model, idx, max_new_tokens, temperature=0.0, top_k=None, 
     check_prompt(model, idx, max_new_tokens)
     for _ in range(max_new_tokens):
         logits, _ = model(idx)  # (B, T, V), every position recomputed
-        tok = sample(logits_to_probs(logits[:, -1], temperature, top_k, top_p), generator)
+        tok = next_token(logits[:, -1], temperature, top_k, top_p, generator)
         idx = torch.cat([idx, tok], dim=1)
     return idx
 
@@ -217,15 +225,20 @@ class ModelDrafter:
 
     def start(self, idx, max_len):  # the same prefill as the target's
         self.cache = prefill(self.model, idx, max_len)
+        self.pending = None  # an accepted draft this cache still lacks (see catch_up)
 
     def step(self, tok, ids):  # ids (the target's n-gram ids) are not needed by a plain draft
+        if self.pending is not None:  # feed the missing draft with the new token: one forward
+            tok, self.pending = torch.cat([self.pending, tok], dim=1), None
         return self.model(tok, cache=self.cache)[0][:, -1]  # (1, V)
 
     def catch_up(self, tok):
-        self.model(tok, cache=self.cache)
+        # After full acceptance the cache lacks the last draft. Rather than a forward of its own
+        # (a whole draft step for one token), it rides along with the next round's first step.
+        self.pending = tok
 
-    def rollback(self, pos):
-        self.cache.pos = pos
+    def rollback(self, pos):  # hold pos tokens, the pending one counted
+        self.cache.pos = pos - (self.pending is not None)
 
 
 class NgramDrafter:
@@ -261,6 +274,42 @@ class NgramDrafter:
         pass
 
 
+class PromptLookupDrafter:
+    """Prompt-lookup decoding (Saxena 2023), the training-free baseline: find the last `max_ngram`
+    (then fewer, down to `min_ngram`) tokens earlier in the sequence, most recent match first, and
+    propose the tokens that followed. No model, no cache: a few tensor comparisons per round. Its
+    draft distribution is a point mass on the proposed token, so the exact acceptance rule
+    accepts a draft d with probability p(d) (greedy: when it is the target's argmax)."""
+
+    uses_ids = False
+
+    def __init__(self, max_ngram=3, min_ngram=1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def start(self, idx, max_len):
+        pass
+
+    def propose(self, seq, g):
+        """Up to g tokens [1, <= g] continuing seq [1, L] (empty when its tail occurs nowhere else)."""
+        s = seq[0]
+        L = s.numel()
+        for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
+            windows = s[:L - 1].unfold(0, n, 1)  # (L-n, n): every earlier n-gram (not the tail itself)
+            hits = (windows == s[L - n:]).all(dim=1).nonzero()
+            if len(hits):
+                start = int(hits[-1]) + n  # the most recent match; what followed it
+                return seq[:, start:start + g]
+        return seq[:, :0]
+
+    def catch_up(self, tok):
+        pass
+
+    def rollback(self, pos):
+        pass
+
+
 def draft_stats(rounds, drafted, accepted, hist):
     """Speculative decoding's counts and the rates derived from them."""
     return {
@@ -271,30 +320,63 @@ def draft_stats(rounds, drafted, accepted, hist):
     }
 
 
+def make_drafter(draft, target):
+    """draft: a GPT (the draft model), "ngram" (the target's N-gram drafter) or "lookup" (prompt
+    lookup) -> the drafter object speculative_generate drives."""
+    if isinstance(draft, str) and draft == "ngram":
+        return NgramDrafter(target)
+    if isinstance(draft, str) and draft == "lookup":
+        return PromptLookupDrafter()
+    if not isinstance(draft, GPT):
+        raise ValueError(f"draft must be a GPT, 'ngram' or 'lookup', got {draft!r}")
+    return ModelDrafter(draft, target)
+
+
+class PhaseClock:
+    """CPU seconds (this process, all threads) and wall seconds spent in each phase of a round."""
+
+    def __init__(self):
+        self.cpu, self.wall = {}, {}
+        self.phase, self.t = None, None
+
+    def __call__(self, phase):  # close the running phase, start `phase` (None: stop)
+        now = (time.process_time(), time.perf_counter())
+        if self.phase is not None:
+            self.cpu[self.phase] = self.cpu.get(self.phase, 0.0) + now[0] - self.t[0]
+            self.wall[self.phase] = self.wall.get(self.phase, 0.0) + now[1] - self.t[1]
+        self.phase, self.t = phase, now
+
+
 @torch.inference_mode()
 def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperature=0.0,
                          top_k=None, top_p=None, generator=None, eos_id=None, callback=None):
     """Speculative decoding: draft gamma tokens cheaply, verify them in one target forward.
 
-    draft: a GPT (the draft model), or "ngram" for the target's N-gram drafter. idx [1, T].
+    draft: a GPT (the draft model), "ngram" for the target's N-gram drafter, or "lookup" for
+    prompt lookup (training-free). idx [1, T].
     Each round: the drafter proposes g <= gamma tokens; the target scores [cur, d_1..d_g] in one
     forward over its position-indexed KV cache; `accept_drafts` keeps a prefix and adds one token
-    of its own. Rejected positions need no rollback beyond moving `cache.pos` back: later writes
-    overwrite them. The n-gram context is the last N-1 accepted ids. Output is distributed exactly
-    as `generate`'s (greedy: identical tokens). Returns (tokens [1, T + n], stats).
+    of its own (greedy: the drafts that equal the target's argmax, then its argmax). Rejected
+    positions need no rollback beyond moving `cache.pos` back: later writes overwrite them. The
+    n-gram context is the last N-1 accepted ids. Output is distributed exactly as `generate`'s
+    (greedy: identical tokens). Returns (tokens [1, T + n], stats); stats["cpu"] and
+    stats["wall"] hold the seconds spent drafting, verifying and in the rest of each round.
     """
     check_sampling(temperature, top_k, top_p)
     check_prompt(target, idx, max_new_tokens, batch_one=True, name="target")
     if not (isinstance(gamma, int) and gamma >= 1):
         raise ValueError(f"gamma (draft tokens per round) must be an int >= 1, got {gamma}")
     gamma = min(gamma, max_new_tokens)  # never more drafts than tokens wanted (nor a huge histogram)
-    drafter = NgramDrafter(target) if draft == "ngram" else ModelDrafter(draft, target)
-    if draft != "ngram":
+    drafter = make_drafter(draft, target)
+    if isinstance(drafter, ModelDrafter):
         check_prompt(draft, idx, max_new_tokens, batch_one=True, name="draft model")
     emb = ngram_embedding(target)
+    greedy = temperature == 0
     probs = lambda logits: logits_to_probs(logits, temperature, top_k, top_p)  # noqa: E731
+    clock = PhaseClock()
     t0 = time.perf_counter()
 
+    clock("prefill")
     L = idx.size(1) + max_new_tokens  # final length
     # The last prompt token is `cur`, the first input of round one, so even the first new token
     # goes through drafting and verification.
@@ -304,21 +386,34 @@ def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperatur
     hist = [0] * (gamma + 1)
     rounds = drafted = accepted = 0
     while seq.size(1) < L:
+        clock("draft")
         P = cache.pos  # == seq.size(1) - 1: tokens whose K/V the target holds
         g = min(gamma, L - seq.size(1) - 1)  # never draft past the requested length
         # ---- draft g tokens ----
         # n-gram cache: the N-1 ids before cur, which the target's cache holds
         ctx = cache.context(target.config.ngram_n - 1) if emb is not None else None
         tok, ids, drafts, qs = cur, [], [], []
-        for _ in range(g):
-            if drafter.uses_ids:  # n-gram cache: the ids of `tok` from the last N-1 ids only
-                ids.append(emb.hash_ids(tok, context=ctx))  # (1, 1, (N-1)K)
-                ctx = torch.cat([ctx[:, 1:], tok], dim=1)
-            q = probs(drafter.step(tok, ids[-1] if ids else None))  # (1, V)
-            tok = sample(q, generator)  # (1, 1)
-            drafts.append(tok)
-            qs.append(q)
+        if isinstance(drafter, PromptLookupDrafter):
+            found = drafter.propose(seq, g)  # (1, g') with g' <= g: what followed the match
+            drafts = list(found.split(1, dim=1))
+            g = len(drafts)
+            if not greedy:  # a point mass on each proposed token
+                qs = [F.one_hot(d[0], target.config.vocab_size).float() for d in drafts]
+        else:
+            for _ in range(g):
+                if drafter.uses_ids:  # n-gram cache: the ids of `tok` from the last N-1 ids only
+                    ids.append(emb.hash_ids(tok, context=ctx))  # (1, 1, (N-1)K)
+                    ctx = torch.cat([ctx[:, 1:], tok], dim=1)
+                logits = drafter.step(tok, ids[-1] if ids else None)  # (1, V)
+                if greedy:
+                    tok = logits.argmax(-1, keepdim=True)  # (1, 1)
+                else:
+                    q = probs(logits)  # (1, V)
+                    tok = sample(q, generator)  # (1, 1)
+                    qs.append(q)
+                drafts.append(tok)
         # ---- verify: one target forward over [cur, d_1..d_g] ----
+        clock("verify")
         # The +1: `cur` (the last accepted token) is not in the target's cache yet, so the input
         # has g+1 tokens at positions P..P+g, giving g+1 distributions: p[i] judges d_{i+1}, and
         # p[g] is the bonus distribution if every draft is accepted.
@@ -330,17 +425,24 @@ def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperatur
             # reused here; only the last draft d_g still needs hashing.
             ngram_ids = torch.cat(ids + [emb.hash_ids(tok, context=ctx)], dim=1)  # (1, g+1, (N-1)K)
         else:
-            # A plain-embedding draft computes no n-gram ids: hash the block once, same context.
+            # A drafter without the target's ids: hash the block once, same context.
             ngram_ids = emb.hash_ids(verify, context=ctx)  # (1, g+1, (N-1)K)
         logits, _ = target(verify, cache=cache, ngram_ids=ngram_ids)  # (1, g+1, V)
-        q = torch.cat(qs, dim=0)[None] if qs else logits.new_zeros(1, 0, logits.size(-1))
-        n, nxt = accept_drafts(probs(logits[0])[None], q, verify[:, 1:], generator)
-        n = int(n)
+        clock("accept")
+        if greedy:  # accept_drafts with one-hot p and q, without building them
+            best = logits[0].argmax(-1)  # (g+1,) the target's own choices
+            n = int((verify[0, 1:] == best[:g]).long().cumprod(0).sum())
+            nxt = best[n]
+        else:
+            q = torch.cat(qs, dim=0)[None] if qs else logits.new_zeros(1, 0, logits.size(-1))
+            n, nxt = accept_drafts(probs(logits[0])[None], q, verify[:, 1:], generator)
+            n = int(n)
         # Keep cur and the n accepted drafts; K/V of rejected drafts stay but are overwritten later.
         cache.pos = P + 1 + n
         if n == g and g > 0:
             # The extra draft step after full acceptance: the drafter sampled d_g but never ran on
-            # it, so its cache lacks d_g. Feed it now so both caches hold the same tokens.
+            # it, so its cache lacks d_g. It must see d_g before its next draft (ModelDrafter feeds
+            # it together with the next round's first token).
             drafter.catch_up(drafts[-1])
         drafter.rollback(P + 1 + n)
         new = torch.cat(drafts[:n] + [nxt.view(1, 1)], dim=1)  # (1, n+1)
@@ -352,10 +454,11 @@ def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperatur
             callback(new)
         rounds, drafted, accepted = rounds + 1, drafted + g, accepted + n
         hist[n] += 1
+    clock(None)
     dt = time.perf_counter() - t0
     new_tokens = seq.size(1) - idx.size(1)
     return seq, {**draft_stats(rounds, drafted, accepted, hist), "tokens_per_s": new_tokens / dt,
-                 "seconds": dt}
+                 "seconds": dt, "cpu": clock.cpu, "wall": clock.wall}
 
 
 # -----------------------------------------------------------------------------
@@ -384,9 +487,11 @@ def format_hist(hist):
 
 
 def bench(target, draft, prompts, max_new_tokens, gammas=(2, 4, 6), temperature=0.0, repeats=1):
-    """Tokens/s of plain KV decoding, full recompute, and speculative decoding with the draft model
-    and the N-gram drafter, summed over the prompts; prints one table. Speedups are relative to
-    plain KV decoding; "same output" compares with it token for token (greedy only)."""
+    """Tokens/s of plain KV decoding, full recompute, and speculative decoding with the draft model,
+    the N-gram drafter and prompt lookup, summed over the prompts; prints one table, then where a
+    speculative round's time goes. Speedups are relative to plain KV decoding, in wall time and in
+    this process's CPU time (which other jobs on a shared machine do not inflate); "same output"
+    compares with plain decoding token for token (greedy only)."""
     greedy = temperature == 0
     kw = dict(temperature=temperature)
     methods = [("plain, recompute all", lambda i, g: generate_recompute(target, i, max_new_tokens, generator=g, **kw)),
@@ -394,6 +499,7 @@ def bench(target, draft, prompts, max_new_tokens, gammas=(2, 4, 6), temperature=
     drafters = [("draft model", draft)] if draft is not None else []
     if NgramDrafter.available(target):
         drafters.append(("N-gram drafter", "ngram"))
+    drafters.append(("prompt lookup", "lookup"))
     for name, d in drafters:
         for gamma in gammas:
             methods.append((f"{name}, gamma {gamma}", lambda i, g, d=d, gamma=gamma: speculative_generate(
@@ -401,14 +507,16 @@ def bench(target, draft, prompts, max_new_tokens, gammas=(2, 4, 6), temperature=
     # Repeats are interleaved (every method once per repeat) and the best time per prompt is kept,
     # so a change of load on a shared machine hits every method alike.
     best = [[float("inf")] * len(prompts) for _ in methods]
+    best_cpu = [[float("inf")] * len(prompts) for _ in methods]
     results = [[None] * len(prompts) for _ in methods]
     for _ in tqdm(range(repeats), desc="bench repeats"):
         for m, (name, fn) in enumerate(methods):
             for j, idx in enumerate(prompts):
                 gen = torch.Generator(idx.device).manual_seed(0)  # fresh: every repeat draws alike
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 res = fn(idx, gen)
                 best[m][j] = min(best[m][j], time.perf_counter() - t0)
+                best_cpu[m][j] = min(best_cpu[m][j], time.process_time() - c0)
                 results[m][j] = res if isinstance(res, tuple) else (res, None)
     rows = []
     for m, (name, _) in enumerate(methods):
@@ -418,21 +526,40 @@ def bench(target, draft, prompts, max_new_tokens, gammas=(2, 4, 6), temperature=
         if sts:
             st = draft_stats(*(sum(x[k] for x in sts) for k in ("rounds", "drafted", "accepted")),
                              [sum(h) for h in zip(*(x["hist"] for x in sts))])
+            st["cpu"] = {k: sum(x["cpu"].get(k, 0.0) for x in sts) for k in ("prefill", "draft", "verify", "accept")}
         tokens = sum(o.size(1) - p.size(1) for o, p in zip(outs, prompts))
-        rows.append({"name": name, "tps": tokens / sum(best[m]), "outs": outs, "st": st})
+        rows.append({"name": name, "tps": tokens / sum(best[m]), "cpu_tps": tokens / sum(best_cpu[m]),
+                     "cpu_s": sum(best_cpu[m]), "tokens": tokens, "outs": outs, "st": st})
     ref = rows[1]
     mode = "greedy" if greedy else f"sampling at temperature {temperature}"
     print(f"\n{mode}; {len(prompts)} prompt(s) of {prompts[0].size(1)} tokens, {max_new_tokens} new "
           f"tokens each; {torch.get_num_threads()} thread(s); best of {repeats} interleaved runs per prompt")
-    print("| method | tokens/s | speedup | acceptance | drafts kept/round | same output | histogram |")
-    print("|---|---:|---:|---:|---:|---|---|")
+    print("| method | tokens/s | speedup | CPU tokens/s | CPU speedup | acceptance | drafts kept/round "
+          "| same output | histogram |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
         st = r["st"]
         same = "-" if not greedy else "yes" if all(torch.equal(a, b) for a, b in zip(r["outs"], ref["outs"])) else "NO"
         acc = "-" if st is None else f"{st['acceptance']:.2f}"
         kept = "-" if st is None else f"{st['mean_accepted']:.2f}"
         hist = "-" if st is None else format_hist(st["hist"])
-        print(f"| {r['name']} | {r['tps']:.1f} | {r['tps'] / ref['tps']:.2f}x | {acc} | {kept} | {same} | {hist} |")
+        print(f"| {r['name']} | {r['tps']:.1f} | {r['tps'] / ref['tps']:.2f}x | {r['cpu_tps']:.1f} | "
+              f"{r['cpu_tps'] / ref['cpu_tps']:.2f}x | {acc} | {kept} | {same} | {hist} |")
+    # Where the time goes: CPU ms per round in each phase (last repeat), against plain decoding's
+    # CPU ms per token. A round pays for its drafts, one verification forward of g+1 tokens and
+    # the acceptance test; it pays off when it yields more tokens than that costs in plain steps.
+    print(f"\nwhere the time goes (CPU ms, last repeat): plain KV decoding "
+          f"{1e3 * ref['cpu_s'] / ref['tokens']:.2f} ms per token")
+    print("| method | tokens/round | draft/round | verify/round | accept + bookkeeping/round | "
+          "prefill total | CPU ms per token |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        st = r["st"]
+        if st is None:
+            continue
+        c, n = st["cpu"], max(st["rounds"], 1)
+        print(f"| {r['name']} | {r['tokens'] / n:.2f} | {1e3 * c['draft'] / n:.2f} | {1e3 * c['verify'] / n:.2f} | "
+              f"{1e3 * c['accept'] / n:.2f} | {1e3 * c['prefill']:.1f} | {1e3 * sum(c.values()) / r['tokens']:.2f} |")
     return rows
 
 

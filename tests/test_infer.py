@@ -110,6 +110,7 @@ def test_greedy_speculative_equals_plain(seed):
         "small model": tiny(seed + 10, n_layer=1, n_head=1, n_embd=16, ngram_n=0, ngram_draft_head=False),
         "noisy copy": noisy_copy(target, 0.5, seed),
         "ngram": "ngram",
+        "prompt lookup": "lookup",
     }
     kept = rejected = 0
     for prompt in PROMPTS[seed:seed + 2]:
@@ -123,6 +124,31 @@ def test_greedy_speculative_equals_plain(seed):
                 kept += st["accepted"]
                 rejected += st["drafted"] - st["accepted"]
     assert kept > 0 and rejected > 0  # both branches were exercised
+
+
+def brute_lookup(seq, g, max_ngram=3):
+    """Prompt lookup by hand: the longest tail (<= max_ngram) that occurs earlier, its latest
+    occurrence, and the up to g tokens after it."""
+    for n in range(min(max_ngram, len(seq) - 1), 0, -1):
+        tail = seq[-n:]
+        for start in range(len(seq) - n - 1, -1, -1):
+            if seq[start:start + n] == tail:
+                return seq[start + n:start + n + g]
+    return []
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    drafter = infer.PromptLookupDrafter()
+    g = torch.Generator().manual_seed(0)
+    cases = [[5], [1, 2, 3, 1, 2], [1, 2, 3, 9, 2, 3, 7, 2, 3], [4, 4, 4, 4], [1, 2, 3, 4]]
+    cases += [torch.randint(0, 4, (n,), generator=g).tolist() for n in (2, 7, 30, 60)]
+    for seq in cases:
+        for gamma in (1, 3, 6):
+            got = drafter.propose(torch.tensor([seq]), gamma)[0].tolist()
+            assert got == brute_lookup(seq, gamma), (seq, gamma)
+    assert drafter.propose(torch.tensor([[1, 2, 3, 1, 2]]), 4)[0].tolist() == [3, 1, 2]   # "1 2" began the sequence
+    with pytest.raises(ValueError):
+        infer.PromptLookupDrafter(max_ngram=0)
 
 
 def test_identical_draft_accepts_everything():
@@ -193,27 +219,34 @@ def test_accept_drafts_is_exact_batched():
 def test_speculative_sampling_matches_target_distribution():
     """End to end on a 4-token vocabulary: the first token and the first two tokens sampled by
     speculative_generate follow the target's exact distribution (computed by full forwards), for
-    the draft model with top-k and the N-gram drafter with top-p."""
+    the draft model with top-k, the N-gram drafter with top-p, and prompt lookup (a point-mass
+    draft: the acceptance rule then keeps it with probability p(d))."""
     kw = dict(vocab_size=4, eos_id=3, n_layer=1, n_head=1, n_embd=16, max_seq_len=32, ngram_n=3, ngram_k=2)
     target, draft = tiny(6, **kw), tiny(7, **kw, ngram_draft_head=False)
     with torch.no_grad():  # sharpen the random heads so target and drafts clearly disagree
         for m, s in ((target.lm_head, 20), (target.draft_head, 60), (draft.lm_head, 20)):
             m.weight.mul_(s)
-    V, n_samples, idx = 4, 400, torch.tensor([[1, 2, 0]])
+    V, n_samples = 4, 400
     g = torch.Generator().manual_seed(0)
-    for d, filt in ((draft, dict(top_k=3)), ("ngram", dict(top_p=0.9))):
+    for d, filt, idx in ((draft, dict(top_k=3), torch.tensor([[1, 2, 0]])),
+                         ("ngram", dict(top_p=0.9), torch.tensor([[1, 2, 0]])),
+                         ("lookup", dict(), torch.tensor([[1, 2, 1]]))):   # proposes 2, then 1
+        T = idx.size(1)
         with torch.no_grad():
             p1 = logits_to_probs(target(idx)[0][0, -1], 1.0, **filt)  # (V,)
-            both = torch.cat([idx.expand(V, 3), torch.arange(V)[:, None]], 1)  # every first token
+            both = torch.cat([idx.expand(V, T), torch.arange(V)[:, None]], 1)  # every first token
             p2 = logits_to_probs(target(both)[0][:, -1], 1.0, **filt)  # (V, V): row = first token
-            logits = draft(idx)[0] if d is draft else target.draft_logits(idx)
-            q1 = logits_to_probs(logits[0, -1], 1.0, **filt)
+            if d == "lookup":
+                q1 = torch.nn.functional.one_hot(torch.tensor(2), V).float()
+            else:
+                logits = draft(idx)[0] if d is draft else target.draft_logits(idx)
+                q1 = logits_to_probs(logits[0, -1], 1.0, **filt)
         exact = (p1[:, None] * p2).flatten()  # (V*V,) exact law of the first two tokens
         pairs = torch.zeros(V * V)
         rejected = 0
         for _ in range(n_samples):
             out, st = speculative_generate(target, d, idx, 2, gamma=2, temperature=1.0, generator=g, **filt)
-            pairs[out[0, 3] * V + out[0, 4]] += 1
+            pairs[out[0, T] * V + out[0, T + 1]] += 1
             rejected += st["drafted"] - st["accepted"]
         first = pairs.view(V, V).sum(1)
         stat, df = chi2(first, p1)
@@ -221,6 +254,9 @@ def test_speculative_sampling_matches_target_distribution():
         stat, df = chi2(pairs, exact)
         assert stat < chi2_threshold(df), (d, stat)
         assert rejected > 0.1 * n_samples  # the residual resampling path was exercised
+        if d == "lookup":  # power: the point-mass draft alone would emit only token 2
+            assert int((first > 0).sum()) >= 2
+            continue
         stat, df = chi2(first, q1)  # power: the draft's own law would be rejected
         assert stat > 3 * chi2_threshold(df)
 
@@ -264,7 +300,9 @@ def test_cli_generate_and_bench(tmp_path, capsysbinary):
     assert capsysbinary.readouterr().out == plain  # greedy: the same bytes either way
     infer.main(["--bench", "--ckpt", t, "--draft-ckpt", d, "--max-new-tokens", "8", "--prompt", "ab"])
     table = capsysbinary.readouterr().out.decode()
-    assert table.count("gamma") == 6 and "NO" not in table
+    for name in ("draft model", "N-gram drafter", "prompt lookup"):  # speed table + breakdown
+        assert table.count(f"| {name}, gamma") == 6, name
+    assert "NO" not in table
 
 
 def test_cli_bad_inputs_fail_in_one_line_before_any_output(tmp_path, capsysbinary):
