@@ -11,7 +11,9 @@ Sample (bytes stream to stdout as they are produced):
 Speculative decoding with the draft model, or with the target's own N-gram drafter:
     python infer.py --ckpt out/cpu-quick/ckpt.pt --draft model --draft-ckpt out/draft/ckpt.pt --gamma 4
     python infer.py --ckpt out/cpu-quick/ckpt.pt --draft ngram --gamma 4
-Benchmark (one table: recompute-everything, plain KV, speculative with both drafters, gamma 2/4/6):
+    python infer.py --ckpt out/cpu-quick/ckpt.pt --draft lookup --gamma 4    # prompt lookup
+Benchmark (recompute-everything, plain KV, speculative with each drafter at gamma 2/4/6, then
+where a round's CPU time goes):
     python infer.py --bench --ckpt out/cpu-quick/ckpt.pt --draft-ckpt out/draft/ckpt.pt --threads 1
 
 Library: `generate(model, idx, max_new_tokens, ...)` and
@@ -596,9 +598,9 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
     ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep mass p")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--draft", choices=["none", "model", "ngram"], default="none",
+    ap.add_argument("--draft", choices=["none", "model", "ngram", "lookup"], default="none",
                     help="speculative decoding: a draft model (--draft-ckpt), the target's N-gram "
-                         "draft head, or none (plain decoding)")
+                         "draft head, prompt lookup (training-free), or none (plain decoding)")
     ap.add_argument("--draft-ckpt", default=None, help="draft checkpoint (train.py --preset draft)")
     ap.add_argument("--gamma", type=int, default=4, help="draft tokens per verification")
     ap.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document id")
@@ -653,7 +655,7 @@ def main(argv=None):
         generate(target, idx, args.max_new_tokens, **kw)
         print()
     else:
-        _, st = speculative_generate(target, draft if args.draft == "model" else "ngram", idx,
+        _, st = speculative_generate(target, draft if args.draft == "model" else args.draft, idx,
                                      args.max_new_tokens, gamma=args.gamma, **kw)
         print()
         print(f"{st['tokens_per_s']:.1f} tokens/s, acceptance {st['acceptance']:.2f}, "

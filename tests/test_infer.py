@@ -298,6 +298,10 @@ def test_cli_generate_and_bench(tmp_path, capsysbinary):
     infer.main(["--ckpt", t, "--prompt", "ab", "--max-new-tokens", "6", "--draft", "model",
                 "--draft-ckpt", d])
     assert capsysbinary.readouterr().out == plain  # greedy: the same bytes either way
+    infer.main(["--ckpt", t, "--prompt", "abab", "--max-new-tokens", "6", "--draft", "lookup"])
+    lookup = capsysbinary.readouterr().out
+    infer.main(["--ckpt", t, "--prompt", "abab", "--max-new-tokens", "6"])
+    assert lookup == capsysbinary.readouterr().out
     infer.main(["--bench", "--ckpt", t, "--draft-ckpt", d, "--max-new-tokens", "8", "--prompt", "ab"])
     table = capsysbinary.readouterr().out.decode()
     for name in ("draft model", "N-gram drafter", "prompt lookup"):  # speed table + breakdown
