@@ -430,7 +430,7 @@ class DSTResult:
 
 
 def tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k_max=None,
-                 rank_scale=None, block_size=None, pipeline_stages=1):
+                 rank_scale=None, block_size=None, pipeline_stages=1, tolerance=0.0):
     """DST's pre-step half: a latency-target budget per sample, so every unit meets the anchor.
 
     SparseBalance, "workload-aware dynamic sparsity tuning". Pure and deterministic: every rank
@@ -438,8 +438,8 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k
     inside every layer: budget = max(target, that layer's coverage floor) (attention.py).
     unit: "rank" (per-rank sum, data-parallel training) or "microbatch" (the paper's unit, for
     pipelines). A unit's load is what runs: each microbatch one packed row
-    (CostModel.predict_microbatch). Within a unit one level k is searched (bisection; loads grow
-    with k) and sample s gets min(blocks_s, k). rank_scale: per-rank factors (OnlineCorrection).
+    (CostModel.predict_microbatch). Within a unit one level is searched (bisection; loads grow
+    with it), one block of one sample per step (see `budgets_at`). rank_scale: per-rank factors (OnlineCorrection).
     """
     lengths = list(lengths)
     S = len(lengths)
@@ -449,6 +449,8 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     if not (isinstance(k0, int) and not isinstance(k0, bool) and k0 >= 1):
         raise ValueError(f"k0 must be a positive int (blocks), got {k0!r}")
+    if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
     if k_max is not None and k_max < k0:
         raise ValueError(f"k_max ({k_max}) must be >= k0 ({k0}) or None")
     if any(not (isinstance(x, int) and x >= 1) for x in lengths):
@@ -471,52 +473,77 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k
     units = [u for u in units if u[1]]
     scale = [1.0 if rank_scale is None else float(rank_scale[r]) for _, _, r in units]
 
-    def load(j, k):  # unit j's seconds with every sample at min(blocks, k)
-        micros = units[j][1]
-        return scale[j] * (cost_model.fixed * len(micros) + sum(
-            doc[lengths[i]](min(blocks[i], k)) for m in micros for i in m))
+    # A unit's level t counts (sample, block) steps: with n samples, the shortest t % n samples
+    # run at t // n + 1 blocks and the rest at t // n (each clipped to its blocks). One block for
+    # one sample at a time, so DST can meet its target closely instead of moving every sample of
+    # the unit by a whole block; below k0 the longest (whose blocks cost most) give first, above
+    # it the shortest (whose blocks cost least) take first.
+    order = [sorted((i for m in micros for i in m), key=lambda i: (lengths[i], i))
+             for _, micros, _ in units]
 
+    def budgets_at(j, t):
+        n = len(order[j])
+        return {i: min(blocks[i], t // n + (p < t % n)) for p, i in enumerate(order[j])}
+
+    def load(j, t):  # unit j's seconds at level t
+        ks = budgets_at(j, t)
+        return scale[j] * sum(cost_model.fixed + sum(doc[lengths[i]](ks[i]) for i in m)
+                              for m in units[j][1])
+
+    base = [k0 * len(o) for o in order]                      # level t of "every sample at k0"
     # (1) predict every unit's load at the default budget k0
-    loads_k0 = [load(j, k0) for j in range(len(units))]
+    loads_k0 = [load(j, base[j]) for j in range(len(units))]
     # (2) the anchor: mean | min | max of those loads
     A = {"mean": sum(loads_k0) / len(loads_k0), "min": min(loads_k0),
          "max": max(loads_k0)}[anchor] if units else 0.0
     limit = A * (1 + 1e-12)  # the anchor unit itself must count as "at the anchor" despite rounding
-    level, shortfalls = [k0] * len(units), []
-    # (3) stragglers shrink: the largest k < k0 whose load meets the anchor (quality is kept by
-    #     each layer's coverage floor at run time, which may raise the budget back: counted there)
-    for j in range(len(units)):
-        if loads_k0[j] > limit:
-            if load(j, 1) > limit:
-                level[j] = 1
-                shortfalls.append((units[j][0], load(j, 1) - limit))
-            else:
-                level[j] = _largest_within(lambda k: load(j, k), limit, 1, k0)
-    # (4) under-loaded units grow up to the anchor ("free accuracy": they would idle anyway), but
-    #     never past the slowest rank: a rank's time (its sum, or its 1F1B time in a pipeline)
-    #     stays within the largest one, so growth cannot lengthen the step.
+    level, shortfalls = list(base), []
+    # (3) stragglers shrink: the largest level below k0's whose load meets the anchor (quality is
+    #     kept by each layer's coverage floor at run time, which may raise a budget back: counted)
+    late = [j for j in range(len(units)) if loads_k0[j] > limit * (1 + tolerance)]
+    for j in late:
+        lo = len(order[j])                                    # every sample at one block
+        if load(j, lo) > limit:
+            level[j] = lo
+            shortfalls.append((units[j][0], load(j, lo) - limit))
+        else:
+            level[j] = _largest_within(lambda t: load(j, t), limit, lo, base[j])
+    #     ... but no further than the step needs: budgets move in whole blocks, so the slowest
+    #     unit after the cut (not the anchor itself) sets the step; a straggler that overshot
+    #     below it takes back what still fits under it.
+    step = max(load(j, level[j]) for j in range(len(units))) * (1 + 1e-12) if units else 0.0
+    for j in late:
+        level[j] = base[j] if load(j, base[j]) <= step else _largest_within(
+            lambda t: load(j, t), step, level[j], base[j])
+    # (4) the other units grow ("free accuracy": they would idle anyway) up to that step time, and
+    #     never past the slowest rank's time (its sum, or its 1F1B time in a pipeline): growth
+    #     cannot lengthen the step. (The paper grows up to the anchor; with whole blocks the step
+    #     ends above it, and the room in between is free too.)
     def rank_time(r):
-        lat = [scale[j] * (cost_model.fixed + sum(doc[lengths[i]](min(blocks[i], level[j])) for i in m))
-               for j, (_, micros, rr) in enumerate(units) if rr == r for m in micros]
+        lat = []
+        for j, (_, micros, rr) in enumerate(units):
+            if rr == r:
+                ks = budgets_at(j, level[j])
+                lat += [scale[j] * (cost_model.fixed + sum(doc[lengths[i]](ks[i]) for i in m))
+                        for m in micros]
         return sum(lat) if pipeline_stages == 1 else _one_f_one_b(lat, pipeline_stages, 1 / 3)
     cap = max(rank_time(r) for r in range(len(plan))) * (1 + 1e-12)
 
-    def fits(j, r, k):
-        level[j] = k
-        return load(j, k) <= limit and rank_time(r) <= cap
-    for j, (_, micros, r) in enumerate(units):
-        hi = max(blocks[i] for m in micros for i in m)
-        hi = hi if k_max is None else min(hi, k_max)
-        if loads_k0[j] > limit or hi <= k0:
+    def fits(j, r, t):
+        level[j] = t
+        return load(j, t) <= step and rank_time(r) <= cap
+    for j, (o, (_, _, r)) in enumerate(zip(order, units)):
+        hi = max(blocks[i] for i in o)
+        hi = len(o) * (hi if k_max is None else min(hi, k_max))
+        if j in late or hi <= base[j]:
             continue
-        k = hi if fits(j, r, hi) else _largest_within(lambda k: 0.0 if fits(j, r, k) else 1.0,
-                                                      0.5, k0, hi)
-        level[j] = k
+        t = hi if fits(j, r, hi) else _largest_within(lambda t: 0.0 if fits(j, r, t) else 1.0,
+                                                      0.5, base[j], hi)
+        level[j] = t
     budgets = [0] * S
-    for j, (_, micros, _) in enumerate(units):
-        for m in micros:
-            for i in m:
-                budgets[i] = min(blocks[i], level[j])
+    for j in range(len(units)):
+        for i, k in budgets_at(j, level[j]).items():
+            budgets[i] = k
     return DSTResult(budgets=budgets, anchor=A, units=[u for u, _, _ in units], loads_k0=loads_k0,
                      loads=[load(j, level[j]) for j in range(len(units))], shortfalls=shortfalls)
 
@@ -560,13 +587,15 @@ class Balancer:
     """
 
     def __init__(self, cost_model, world_size, balance="sab+dst", k0=8, p=0.1, anchor="mean",
-                 n_layer=1, num_microbatches=None, capacity=None, correction=True, decay=0.9):
+                 n_layer=1, num_microbatches=None, capacity=None, correction=True, decay=0.9,
+                 tolerance=0.02):
         if balance not in BALANCE:
             raise ValueError(f"balance must be one of {', '.join(BALANCE)}, got {balance!r}")
         self.cost, self.world, self.balance = cost_model, world_size, balance
         self.policy, self.dst = BALANCE[balance]
         self.k0, self.p, self.anchor, self.n_layer = k0, p, anchor, n_layer
         self.micro, self.capacity, self.correction = num_microbatches, capacity, correction
+        self.tolerance = tolerance
         self.sab = SABState(k0, cost_model.block_size, decay)
         self.corr = OnlineCorrection(world_size, decay)
         self.seen = 0  # steps observed by this process
@@ -589,7 +618,7 @@ class Balancer:
         at_k0 = [min(self.k0, -(-x // b)) for x in lengths]
         scale = self.corr.factors if self.correction else None
         res = tune_budgets(plan, lengths, self.cost, self.anchor, self.k0, "rank",
-                           rank_scale=scale) if self.dst else None
+                           rank_scale=scale, tolerance=self.tolerance) if self.dst else None
         targets = res.budgets if res else at_k0
         pred = self.corr.corrected(self._rank_seconds(plan, lengths, [targets] * self.n_layer))
         k0_loads = self._rank_seconds(plan, lengths, [at_k0])
@@ -757,7 +786,7 @@ ABLATION = [("baseline", "naive", False), ("+ DST", "naive", True), ("+ SAB", "s
 
 
 def run_ablation(draw_lengths, rng, steps, cm, dp, pp, global_batch, k0, p, n_layer, capacity,
-                 unit="microbatch", anchor="mean", configs=ABLATION, order=None):
+                 unit="microbatch", anchor="mean", configs=ABLATION, order=None, tolerance=0.02):
     """Mean step time etc. over `steps` global batches for the configurations of the paper's
     ablation. draw_lengths(n, rng) -> n sequence lengths. DST runs in its two halves: targets
     before the step (tune_budgets), then each sample at max(target, its coverage floor) as the
@@ -779,7 +808,8 @@ def run_ablation(draw_lengths, rng, steps, cm, dp, pp, global_batch, k0, p, n_la
             plan = plan_batches(lengths, dp, M, policy, cost=state.cost_fn(cm), capacity=capacity,
                                 block_size=b, pipeline_stages=pp)
             if dst:
-                res = tune_budgets(plan, lengths, cm, anchor, k0, unit=unit, pipeline_stages=pp)
+                res = tune_budgets(plan, lengths, cm, anchor, k0, unit=unit, pipeline_stages=pp,
+                                   tolerance=tolerance)
                 budgets = [min(n, max(t, f)) for n, t, f in zip(blocks, res.budgets, floors)]
                 a["short"] += sum(f > t for t, f in zip(res.budgets, floors))
             else:
@@ -856,6 +886,9 @@ def main(argv=None):
     ap.add_argument("--p", type=float, default=0.1, help="allowed coverage drop of DST")
     ap.add_argument("--k0", type=int, default=32, help="default budget in blocks")
     ap.add_argument("--anchor", default="mean", choices=ANCHORS, help="--simulate: DST anchor")
+    ap.add_argument("--tolerance", type=float, default=0.02,
+                    help="--simulate: DST leaves units within this share of the anchor uncut "
+                         "(as the Balancer does in training; 0 = the paper's rule)")
     ap.add_argument("--order", default="none", choices=("none", "1f1b"),
                     help="--simulate: 1f1b = each replica's microbatches reordered, small ones at "
                          "both ends (as verl orders them)")
@@ -930,7 +963,8 @@ def print_simulation(args):
     print(f"SparseBalance ablation, SIMULATED: step times come from {source} x {n_layer} layers "
           f"and a 1F1B simulator (no model runs); DP {dp} x PP {pp}, global batch {gb}, "
           f"{gb // dp} microbatches per replica, block {b}, k0 {k0}, anchor {args.anchor}, p {p}, "
-          f"DST unit {unit}, microbatch order {args.order}, {args.steps} global batches per mix "
+          f"DST unit {unit}, tolerance {args.tolerance}, microbatch order {args.order}, "
+          f"{args.steps} global batches per mix "
           f"(seed {args.seed}). Synthetic routing-coverage curves (gate mass ~ rank^-alpha, alpha ~ "
           "U(0.6, 1.4)). Short documents may share a microbatch up to the capacity (the longest "
           "document). SAB and LBB pack with the same objective (the predicted 1F1B time of each "
@@ -950,7 +984,7 @@ def print_simulation(args):
     for title, draw, cap in mixes:
         print_table(title, run_ablation(draw, random.Random(args.seed), args.steps, cm, dp, pp,
                                         gb, k0, p, n_layer, padded(cap, b), unit, args.anchor,
-                                        order=args.order))
+                                        order=args.order, tolerance=args.tolerance))
     wall, cpu, imb = benchmark(cm, k0, repeats=args.bench_repeats)
     print(f"\nplanning (sab) + tuning (DST's pre-step half, unit rank) of 1024 sequences on 64 "
           f"ranks x 4 microbatches: {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU (medians of "

@@ -20,12 +20,14 @@
 #
 #   ./bench_balance.sh                       # 10 steps per run, 4 and 2 ranks
 #   STEPS=20 RANKS="4" ./bench_balance.sh --p 0.2 --anchor max   # extra flags go to train.py
+#   POLICIES=sab+dst ./bench_balance.sh      # re-run one policy; the table reads the others' logs
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-out/bench_balance}
 STEPS=${STEPS:-10}
 RANKS=${RANKS:-"4 2"}
+POLICIES=${POLICIES:-"none lbb sab sab+dst"}   # e.g. POLICIES=sab+dst to re-run one; the table reads all
 mkdir -p "$OUT"
 COST="$OUT/cost_model.json"
 if [ ! -f "$COST" ]; then
@@ -33,7 +35,7 @@ if [ ! -f "$COST" ]; then
         --budgets 1 2 4 8 16 32 --n-embd 64 --n-head 2 --block-size 64 --threads 1
 fi
 for n in $RANKS; do
-  for b in none lbb sab sab+dst; do
+  for b in $POLICIES; do
     rm -rf "${OUT:?}/r$n-$b"
     echo "--balance $b on $n ranks ($STEPS steps, log in $OUT/r$n-$b.log)"
     OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$n" train.py \
