@@ -48,10 +48,9 @@ from tqdm import tqdm
 
 from balance import BALANCE, Balancer, CostModel
 from batching import padded
-from data import draw_mix, stdlib_files, stdlib_root
+from data import EOS, draw_mix, passkey_sample, stdlib_files, stdlib_root
+from infer import generate
 from model import GPT, GPTConfig
-
-EOS = 256  # end-of-document id; byte ids are 0..255
 
 # ------------------------------------------------------------------------------------------------
 # Presets: values for the flags below and for GPTConfig's fields; explicit flags win.
@@ -74,6 +73,12 @@ PRESETS = {
     "ngram-vs-moe": dict(n_layer=4, n_head=4, n_embd=128, max_seq_len=512, attn_block=64, topk=4,
                          batch_size=16, micro=0, steps=300, lr=3e-3, warmup=30, eval_every=100,
                          eval_samples=64, ckpt_every=100, variant="dense"),
+    # Needle retrieval learnt on a CPU: half the samples are passkey documents (data.passkey_sample)
+    # of up to 512 tokens; k0 = 4 blocks of 32 cover 128 of them, so retrieving a needle at T/2 or
+    # T needs the gate to pick its block (experiments/quality.py, docs/quality.md).
+    "needle": dict(n_layer=2, n_head=4, n_embd=128, max_seq_len=512, attn_block=32, topk=4,
+                   batch_size=8, micro=0, steps=300, lr=3e-3, warmup=30, eval_every=50,
+                   eval_samples=32, ckpt_every=0, passkey_frac=0.5),
     # The small plain-embedding draft model infer.py uses for speculative decoding.
     "draft": dict(n_layer=2, n_head=2, n_embd=64, max_seq_len=512, attn_block=64, topk=8,
                   batch_size=16, micro=0, steps=300, lr=3e-3, warmup=30, eval_every=100,
@@ -136,8 +141,10 @@ def get_args(argv=None):
       "half of at least 12K (like the paper's ChatQA2 mix; needs --max-seq-len >= 12288)")
     a("--eval-every", type=int, help="evaluate every N steps (and at the end)")
     a("--eval-samples", type=int, help="validation samples per evaluation")
-    a("--passkey-frac", type=float, default=0.0, help="share of training samples replaced by "
-      "synthetic passkey documents; > 0 also turns on passkey evaluation")
+    a("--passkey-frac", type=float, default=None, help="share of training samples replaced by "
+      "synthetic passkey documents (default 0, preset needle 0.5); > 0 also turns on needle evaluation")
+    a("--needle-docs", type=int, default=8, help="needle evaluation: passkey documents per (context "
+      "length, budget) cell, generated free running and scored teacher forced (0 = skip it)")
     a("--ckpt-every", type=int, help="checkpoint every N steps (0 = only at the end)")
     a("--val-frac", type=float, default=0.1, help="share of documents held out, chosen by path hash")
     a("--seed", type=int, default=1337)
@@ -165,6 +172,7 @@ def get_args(argv=None):
     for k, v in PRESETS[args.preset].items():  # the preset fills in what the command line left out
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    args.passkey_frac = 0.0 if args.passkey_frac is None else args.passkey_frac
     args.out = args.out or os.path.join("out", args.preset)
     return args
 
@@ -197,7 +205,7 @@ def check_args(args):
     rules += [(k, getattr(args, k) >= 1, "must be at least 1")
               for k in ("steps", "eval_every", "eval_samples", "threads", "max_skips")]
     rules += [(k, getattr(args, k) >= 0, "must be at least 0")
-              for k in ("micro", "warmup", "ckpt_every", "crash_at_step", "stall_at_step")]
+              for k in ("micro", "warmup", "ckpt_every", "crash_at_step", "stall_at_step", "needle_docs")]
     for k, ok, what in rules:
         if not ok:
             raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)!r}: {what}")
@@ -295,20 +303,6 @@ def chunk(docs, max_seq_len):
     """Cut documents into samples of at most max_seq_len + 1 tokens (inputs and shifted targets);
     consecutive chunks overlap by one token so every token is predicted exactly once."""
     return [d[i:i + max_seq_len + 1] for d in docs for i in range(0, len(d) - 1, max_seq_len)]
-
-
-def passkey_sample(rng, filler, length):
-    """A synthetic retrieval document of `length` + 1 tokens: code filler with a 5-digit key hidden
-    at a random depth, asked for at the end. -> (tokens, positions of the answer digits' targets)."""
-    key = str(rng.integers(10_000, 100_000))
-    needle, ask = f"\n# The passkey is {key}. Remember it.\n", "\n# What is the passkey? The passkey is "
-    n_fill = max(0, length + 1 - len(needle) - len(ask) - len(key) - 1)
-    fill = np.resize(filler, n_fill) if len(filler) else np.full(n_fill, 32, np.uint16)
-    depth = int(rng.integers(0, n_fill + 1))
-    enc = lambda s: np.frombuffer(s.encode(), np.uint8).astype(np.uint16)
-    toks = np.concatenate([fill[:depth], enc(needle), fill[depth:], enc(ask + key), [EOS]]).astype(np.uint16)
-    first = len(toks) - 1 - len(key)  # index of the key's first digit in toks
-    return toks, np.arange(first - 1, first - 1 + len(key))  # targets y[j] = toks[j + 1]
 
 
 def make_microbatch(samples, block, device):
@@ -477,11 +471,59 @@ def pack_rows(samples, capacity, block):
     return rows + [cur] if cur else rows
 
 
+def needle_budgets(cfg):
+    """The budgets needle evaluation asks about: k0/2, k0, dense (every block of a full row) and
+    "dst", each layer at its own coverage floor (see `needle_eval`)."""
+    return sorted({max(1, cfg.topk // 2), cfg.topk, cfg.max_seq_len // cfg.attn_block}) + ["dst"]
+
+
+@torch.no_grad()
+def needle_eval(model, filler, length, budget, n, seed, p=0.1, ctx=nullcontext(), mine=None):
+    """Needle retrieval on n passkey documents of `length` tokens (data.passkey_sample), document i
+    with its needle at depth (i + 0.5) / n, so every depth band is asked.
+
+    Free running: the prompt (everything up to "The passkey is ") is prefilled into the KV cache
+    and the answer generated greedily by `infer.generate`, i.e. through sparse decoding at the same
+    budget; a hit is an exact match of all five digits. Teacher forced (second score): one forward
+    over the whole document, a hit when the argmax at every answer position is the right digit
+    (the model sees the earlier answer digits as inputs). budget: an int (every layer), or "dst":
+    each layer at its routing-coverage floor at `p` (the lowest budget DST's in-layer half allows:
+    the smallest k keeping (1 - p) of the coverage at k0 = config.topk), computed from the prompt.
+    mine: the documents this caller runs (ranks split them; default all n). -> (free hits,
+    teacher-forced hits, budgets used), one entry per document run."""
+    cfg, dev = model.config, next(model.parameters()).device
+    free, forced, used = [], [], []
+    for t in range(n) if mine is None else mine:
+        toks, pos = passkey_sample(np.random.default_rng([seed, 99, length, t]), filler, length,
+                                   depth=(t + 0.5) / n)
+        x = torch.from_numpy(toks[:-1].astype(np.int64))[None].to(dev)    # (1, length)
+        prompt, answer = x[:, :pos[0] + 1], x[0, pos + 1]                  # answer = the 5 digits
+        with ctx:
+            if budget == "dst":  # a target of 1 block, raised in every layer to its floor
+                model(prompt, topk=1, k0=cfg.topk, p=p)
+                k = model.used_budgets.clone()                             # [n_layer, 1]
+            else:
+                k = int(budget)
+            logits, _ = model(x, topk=k)                                   # (1, length, V)
+            forced.append(int((logits[0, pos].argmax(-1) == answer).all()))
+            topk, cfg.topk = cfg.topk, k  # generate decodes at config.topk
+            try:
+                out = generate(model, prompt, len(pos))
+            finally:
+                cfg.topk = topk
+        free.append(int(torch.equal(out[0, prompt.size(1):], answer)))
+        used.append(float(torch.as_tensor(k, dtype=torch.float).mean()))
+    return free, forced, used
+
+
 @torch.no_grad()
 def evaluate(model, val, filler, cfg, args, rank, world, device, ctx):
     """Validation loss in bits per byte (EOS counted as a byte) at the default budget, and, with
-    --passkey-frac > 0, the share of passkeys whose five digits are all predicted (teacher forced)
-    for contexts of T/4, T/2, T and budgets k0/2, k0, dense. Work is split across ranks."""
+    --passkey-frac > 0, needle retrieval on --needle-docs fixed documents per cell (needle depths
+    spread over the context) for contexts of T/4, T/2, T and the budgets of `needle_budgets`:
+    `needle_T{L}_k{k}` free running (generated through the KV cache, exact match),
+    `needle_tf_T{L}_k{k}` teacher forced, and `needle_dst_budget`, the mean budget the "dst"
+    cells used. Work is split across ranks."""
     model.eval()
     sums = []
     for row in pack_rows(val, cfg.max_seq_len, cfg.attn_block)[rank::world]:
@@ -492,22 +534,22 @@ def evaluate(model, val, filler, cfg, args, rank, world, device, ctx):
         sums.append(torch.stack([(ce * m.flatten()).sum(), m.sum()]).double())
     local = torch.stack(sums).sum(0).tolist() if sums else [0.0, 0.0]
     cells = []
-    if args.passkey_frac > 0:
-        T, k0 = cfg.max_seq_len, cfg.topk
-        cells = [(L, k) for L in (T // 4, T // 2, T) for k in sorted({max(1, k0 // 2), k0, T // cfg.attn_block})]
+    n = args.needle_docs
+    if args.passkey_frac > 0 and n:
+        T = cfg.max_seq_len
+        cells = [(L, k) for L in (T // 4, T // 2, T) for k in needle_budgets(cfg)]
         for L, k in cells:
-            hits = 0
-            for trial in range(rank, 8, world):  # 8 fixed documents per cell
-                toks, pos = passkey_sample(np.random.default_rng([args.seed, 99, L, trial]), filler, L)
-                x, y, _, cu = make_microbatch([toks], cfg.attn_block, device)
-                with ctx:
-                    logits, _ = model(x, cu_seqlens=cu, topk=k)
-                hits += int((logits[0, pos].argmax(-1) == y[0, pos]).all())
-            local.append(hits)
+            free, forced, used = needle_eval(model, filler, L, k, n, args.seed, args.p, ctx,
+                                             mine=range(rank, n, world))
+            local += [sum(free), sum(forced), sum(used)]
     tot = all_gather_row(local, world, device).sum(0).tolist()
     model.train()
     out = {"val_bpb": tot[0] / max(tot[1], 1) / math.log(2)}
-    out.update({f"passkey_T{L}_k{k}": h / 8 for (L, k), h in zip(cells, tot[2:])})
+    for i, (L, k) in enumerate(cells):
+        free, forced, used = tot[2 + 3 * i:5 + 3 * i]
+        out.update({f"needle_T{L}_k{k}": free / n, f"needle_tf_T{L}_k{k}": forced / n})
+        if k == "dst":
+            out["needle_dst_budget"] = out.get("needle_dst_budget", 0) + used / n / 3
     return out
 
 

@@ -143,8 +143,9 @@ def test_two_ranks_train_in_sync_and_log(reference):
     assert all(steps[s]["pred_err"] >= 0 for s in steps)
     evals = [r for r in recs if "val_bpb" in r]
     assert [r["step"] for r in evals] == [4, 8] and all(0 < r["val_bpb"] < 9 for r in evals)
-    # passkey accuracy for contexts T/4, T/2, T at budgets k0/2, k0 and dense (8 blocks)
-    keys = {f"passkey_T{L}_k{k}" for L in (64, 128, 256) for k in (1, 2, 8)}
+    # needle accuracy (free running, and teacher forced) for contexts T/4, T/2, T at budgets k0/2,
+    # k0, dense (8 blocks) and each layer's DST floor
+    keys = {f"needle{tf}_T{L}_k{k}" for tf in ("", "_tf") for L in (64, 128, 256) for k in (1, 2, 8, "dst")}
     assert all(keys <= set(r) and all(r[k] in [i / 8 for i in range(9)] for k in keys) for r in evals)
     assert recs[-1]["replica_max_diff"] == 0.0  # parameters identical on both ranks
     cfg = json.load(open(os.path.join(reference, "config.json")))
