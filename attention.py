@@ -426,8 +426,12 @@ def _triton_kernels():
     global _KERNELS
     if _KERNELS is not None:
         return _KERNELS
-    import triton
-    import triton.language as tl
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        raise ValueError("impl='triton' needs the triton package (Linux: pip install "
+                         "triton==3.7.1); without it use impl='torch' or 'auto'") from None
 
     @triton.jit
     def pair_fwd(Q, K, V, O, LSE, ROWS, TKEY, qk_scale, T, NQ, UPCAST: tl.constexpr,
