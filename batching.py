@@ -158,9 +158,8 @@ def plan_batches(lengths, world_size, num_microbatches, policy, cost=None, capac
     """Split one global batch into plan[rank][micro] = list of sample indices (SparseBalance, SAB).
 
     lengths: tokens per sample. policy: "naive" | "lbb" | "sab" (see the module docstring).
-    cost: for "sab", a callable length -> predicted seconds, normally
-    `SABState.cost_fn(cost_model)` (the cost model at each sequence's estimated budget); None
-    uses balance.CostModel.analytic(block_size=block_size) at the dense budget. Ignored by
+    cost: for "sab" (required), a callable length -> predicted seconds, normally
+    `SABState.cost_fn(cost_model)` (the cost model at each sequence's estimated budget). Ignored by
     "naive" and "lbb" (whose cost is fixed by definition). capacity: max padded tokens per
     microbatch, or None. num_microbatches: microbatches per rank, or None for the smallest
     number that fits `capacity` (1 without a capacity). pipeline_stages: > 1 makes level 1 of
@@ -204,10 +203,10 @@ def plan_batches(lengths, world_size, num_microbatches, policy, cost=None, capac
     elif policy == "lbb":
         costs = [lbb_cost(length) for length in lengths]
     else:
-        if cost is None:
-            from balance import CostModel  # lazy: balance.py imports this module
-            model = CostModel.analytic(block_size=block_size)
-            cost = lambda length: model.predict(length, None)  # noqa: E731  (dense budget)
+        if cost is None:  # the cost model lives in balance.py, which builds on this module
+            raise ValueError("policy 'sab' needs cost, a callable length -> predicted seconds: "
+                             "SABState(k0, block_size).cost_fn(balance.CostModel.analytic(...)) "
+                             "or a profiled table (balance.Balancer does this)")
         memo = {}
         costs = []
         for length in lengths:

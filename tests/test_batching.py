@@ -47,23 +47,24 @@ def test_invariants(case, policy):
 def test_capacity_respected_and_auto_microbatches(policy):
     rng = random.Random(2)
     lengths = [rng.randint(1, 2000) for _ in range(60)]
-    plan = plan_batches(lengths, 3, 8, policy, capacity=4096)
+    cost = lambda x: x ** 1.5  # noqa: E731  (ignored by naive and lbb)
+    plan = plan_batches(lengths, 3, 8, policy, cost=cost, capacity=4096)
     assert_invariants(plan, 60, 3, 8, lengths, 4096)
-    auto = plan_batches(lengths, 3, None, policy, capacity=4096)
+    auto = plan_batches(lengths, 3, None, policy, cost=cost, capacity=4096)
     m = len(auto[0])
     assert_invariants(auto, 60, 3, m, lengths, 4096)
     lower = -(-sum(padded(x, 64) for x in lengths) // (3 * 4096))
     assert m >= lower
     if m > lower:  # the automatic choice is the smallest that fits
         with pytest.raises(ValueError, match="num_microbatches"):
-            plan_batches(lengths, 3, m - 1, policy, capacity=4096)
+            plan_batches(lengths, 3, m - 1, policy, cost=cost, capacity=4096)
 
 
 def test_capacity_errors_name_the_fix():
     with pytest.raises(ValueError, match="crop documents"):
         plan_batches([100, 5000], 2, 2, "lbb", capacity=4096)
     with pytest.raises(ValueError, match="raise num_microbatches or capacity"):
-        plan_batches([4000] * 10, 2, 2, "sab", capacity=4096)
+        plan_batches([4000] * 10, 2, 2, "sab", cost=float, capacity=4096)
     with pytest.raises(ValueError, match="policy"):
         plan_batches([1, 2], 2, 2, "random")
     with pytest.raises(ValueError, match="positive int"):
@@ -106,11 +107,14 @@ def test_balanced_policies_beat_naive_on_long_tails():
     assert wins == 20 and lbb_sum < 0.8 * naive_sum
 
 
-def test_sab_default_cost_is_analytic_dense():
+def test_sab_needs_a_cost_and_follows_it():
     lengths = long_tailed(random.Random(3), 30)
+    with pytest.raises(ValueError, match="needs cost"):
+        plan_batches(lengths, 3, 2, "sab")
     cm = CostModel.analytic(block_size=64)
-    explicit = plan_batches(lengths, 3, 2, "sab", cost=lambda x: cm.predict(x, None))
-    assert plan_batches(lengths, 3, 2, "sab") == explicit
+    by_model = plan_batches(lengths, 3, 2, "sab", cost=lambda x: cm.predict(x, None))
+    assert plan_batches(lengths, 3, 2, "sab", cost=lambda x: 2.0 * cm.predict(x, None)) == by_model
+    assert plan_batches(lengths, 3, 2, "sab", cost=lbb_cost) == plan_batches(lengths, 3, 2, "lbb")
 
 
 def test_imbalance_hand_computed():

@@ -31,3 +31,29 @@ def test_import_and_a_train_step_without_triton(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "torch.Size([1, 1, 64, 16])" in r.stdout and "trained" in r.stdout
     assert "triton: impl='triton' needs the triton package" in r.stdout
+
+
+def test_core_files_import_without_a_cycle():
+    """Imports only go down DESIGN.md's flow: the graph of the core files has no cycle (a lazy
+    import inside a function counts too)."""
+    import ast
+    core = ["attention", "balance", "batching", "data", "infer", "model", "train"]
+    graph = {}
+    for name in core:
+        tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+        deps = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        deps |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[name] = deps & set(core) - {name}
+    done, path = set(), []
+
+    def visit(n):
+        assert n not in path, f"import cycle: {' -> '.join(path[path.index(n):] + [n])}"
+        if n not in done:
+            path.append(n)
+            for d in sorted(graph[n]):
+                visit(d)
+            path.pop()
+            done.add(n)
+    for n in core:
+        visit(n)
+    assert "balance" not in graph["batching"] and not graph["attention"]
