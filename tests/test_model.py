@@ -393,3 +393,20 @@ def test_collision_counting():
     assert every.tolist() == [True, True, True, False] and same.tolist() == every.tolist()
     every, same = M.collided(torch.tensor([0, 5, 10, 3]), [5, 7])  # mod 7: 0, 5, 3, 3
     assert every.tolist() == [False, False, True, False] and not same.any()
+
+
+def test_embedding_amplification():
+    """ngram_amp (paper: the embedding output amplified, about -0.02 loss): sqrt_d multiplies the
+    plain output by sqrt(D); layernorm normalises every token's vector."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=257, n_embd=32, n_head=2, ngram_n=3, ngram_k=2)
+    plain = NgramEmbedding(GPTConfig(**cfg, ngram_amp="none"))
+    idx = torch.randint(0, 257, (2, 9))
+    for amp in ("sqrt_d", "layernorm"):
+        emb = NgramEmbedding(GPTConfig(**cfg, ngram_amp=amp))
+        emb.load_state_dict(plain.state_dict(), strict=False)
+        out, base = emb(idx), plain(idx)
+        if amp == "sqrt_d":
+            torch.testing.assert_close(out, base * math.sqrt(32))
+        else:
+            torch.testing.assert_close(out, F.layer_norm(base, (32,), emb.norm.weight, emb.norm.bias))
