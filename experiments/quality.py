@@ -161,16 +161,25 @@ def print_curves(a, recs, base):
         for L in (T // 4, T // 2, T):
             cells.append(f"{statistics.mean(r['needle'][key(L)][0] for r in rs):.2f} "
                          f"({statistics.mean(r['needle'][key(L)][1] for r in rs):.2f})")
-        trained = " ".join(x for x in rs[0]["flags"] if x not in ("--balance", "--topk")) or "-"
+        f = rs[0]["flags"]
+        trained = (f"fixed {f[f.index('--topk') + 1]}" if "--topk" in f else f"fixed {k0}" if "none" in f
+                   else f"{f[1]}, {f[3]}, p {f[5]}")
         print(f"| {arm} | {trained} | {spread([r['val_bpb'] for r in rs])} | {' | '.join(cells)} | "
               f"{spread([r['mean_budget'] for r in rs])} | {statistics.mean(r['cpu_s'] for r in rs):.0f} |")
-    ref = [r["val_bpb"] for r in recs if r["arm"] == a.arms[0]]
-    for arm in a.arms[1:]:
-        xs = [r["val_bpb"] for r in recs if r["arm"] == arm]
-        if ref and xs:
-            diff, rng = statistics.mean(xs) - statistics.mean(ref), max(max(ref) - min(ref), max(xs) - min(xs))
-            print(f"{arm} - {a.arms[0]}: {diff:+.3f} bpb; the larger seed range of the two: {rng:.3f} "
-                  f"-> {'larger than' if abs(diff) > rng else 'within'} the seed spread")
+    # Same seed = same initial weights and samples: the paired difference per seed is the cleanest
+    # comparison; the seed spread (largest range over seeds of either arm) is the noise it must beat.
+    bpb = {(r["arm"], r["seed"]): r["val_bpb"] for r in recs}
+    pairs = [(x, a.arms[0]) for x in a.arms[1:]] + [p for p in (("sabdst", "k0"), ("sabdst", "dstmean"))
+                                                     if set(p) <= set(a.arms) and a.arms[0] not in p]
+    for x, y in pairs:
+        seeds = [s for s in a.seeds if (x, s) in bpb and (y, s) in bpb]
+        if not seeds:
+            continue
+        d = [bpb[x, s] - bpb[y, s] for s in seeds]
+        rng = max(max(bpb[z, s] for s in seeds) - min(bpb[z, s] for s in seeds) for z in (x, y))
+        print(f"{x} - {y}: {statistics.mean(d):+.3f} bpb (per seed {', '.join(f'{v:+.3f}' for v in d)}); "
+              f"seed spread {rng:.3f} -> {'LARGER than' if abs(statistics.mean(d)) > rng else 'within'} "
+              "the seed spread")
     print(f"\nNeedle accuracy by context length and budget, free running (teacher forced), mean over "
           f"seeds; k=dst: every layer at its own coverage floor at p={a.p} (mean budget in brackets)")
     budgets = train.needle_budgets(base)
@@ -259,7 +268,15 @@ def cmd_curves(a):
     recs = []
     for seed in a.seeds:
         for arm in a.arms:
-            recs.append(run_arm(a, arm, seed, arm_flags(a, arm, base, cache, seed), cache))
+            flags = arm_flags(a, arm, base, cache, seed)
+            if arm == "dstmean" and flags[-1] == str(base.topk) and "k0" in a.arms:
+                # DST's mean used budget rounds to k0: this arm is the k0 run (same flags, same seed)
+                rec = dict(run_arm(a, "k0", seed, arm_flags(a, "k0", base, cache, seed), cache),
+                           arm="dstmean", flags=flags)
+                print(f"  dstmean-s{seed}: DST's mean used budget rounds to k0 = {base.topk}: the k0 run")
+            else:
+                rec = run_arm(a, arm, seed, flags, cache)
+            recs.append(rec)
     print_curves(a, recs, base)
     if not a.no_plots:
         try:
@@ -267,6 +284,37 @@ def cmd_curves(a):
             plot_needle(a, recs, base, os.path.join(a.img, "quality_needle.png"))
         except ImportError:
             print("matplotlib is not installed: tables only")
+
+
+def cmd_learn(a):
+    """One run of the preset with needle evaluation during training (train.py --needle-docs, every
+    --eval-every steps): when does retrieval appear, and how far does it get? -> a table by step."""
+    run, seed = a.run or f"learn-s{a.seeds[0]}", a.seeds[0]
+    out = os.path.join(a.out, run)
+    flags = ["--needle-docs", str(a.needle_docs), "--eval-every", str(a.eval_every)]
+    if not os.path.exists(os.path.join(out, "ckpt.pt")):
+        os.makedirs(a.out, exist_ok=True)
+        cmd = train_cmd(a, run, seed, [])
+        cmd = cmd[:cmd.index("--needle-docs")] + cmd[cmd.index("--needle-docs") + 2:] + flags
+        print(" ".join(cmd[1:]).replace(ROOT + "/", ""), flush=True)
+        r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+        open(os.path.join(a.out, run + ".log"), "w").write(r.stdout + r.stderr)
+        if r.returncode:
+            sys.exit(f"quality.py: {run} failed (log: {a.out}/{run}.log):\n{(r.stdout + r.stderr)[-3000:]}")
+    steps, evals = read_metrics(out)
+    cfg = json.load(open(os.path.join(out, "config.json")))["model"]
+    T, k0 = cfg["max_seq_len"], cfg["topk"]
+    cpu = np.cumsum([sum(s["compute_cpu"]) for s in steps])  # training compute, all ranks
+    print(f"\nNeedle retrieval while training: {out} (T={T}, blocks of {cfg['attn_block']}, k0={k0}); free "
+          "running exact match (teacher forced) at budget k0, documents per cell as run; CPU = the "
+          "ranks' training compute up to that step (evaluation not counted)")
+    print(f"| step | CPU min | val bpb | T/4={T // 4} | T/2={T // 2} | T={T} | T, dense | T, dst (budget) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for e in evals:
+        c = lambda L, k: f"{e[f'needle_T{L}_k{k}']:.2f} ({e[f'needle_tf_T{L}_k{k}']:.2f})"  # noqa: E731
+        dense = T // cfg["attn_block"]
+        print(f"| {e['step']} | {cpu[e['step'] - 1] / 60:.1f} | {e['val_bpb']:.3f} | {c(T // 4, k0)} | {c(T // 2, k0)} | "
+              f"{c(T, k0)} | {c(T, dense)} | {c(T, 'dst')} ({e['needle_dst_budget']:.2f}) |")
 
 
 def simulate_row(anchor, p, steps):
@@ -396,7 +444,7 @@ def main(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=("curves", "anchors", "timeline"))
+    ap.add_argument("command", choices=("curves", "anchors", "timeline", "learn"))
     ap.add_argument("--preset", default="needle", help="train.py preset of every run")
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="seeds (anchors: the first)")
@@ -414,12 +462,14 @@ def main(argv=None):
     ap.add_argument("--img", default=os.path.join(ROOT, "docs", "img"), help="where the PNGs go")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--step", type=int, default=0, help="timeline: which step's samples (0 = first)")
+    ap.add_argument("--run", default=None, help="learn: the run's folder name in --out (default learn-s<seed>)")
+    ap.add_argument("--eval-every", type=int, default=250, help="learn: needle evaluation every N steps")
     ap.add_argument("--cost-model", default="analytic", help="timeline: analytic or a balance.py JSON")
     ap.add_argument("--measured", default=None, help="timeline: a bench_balance.sh OUT folder; its "
                     "r<nproc>-<policy>/metrics.jsonl give the measured compute of the same step per rank")
     a = ap.parse_args(argv)
     a.extra = extra
-    {"curves": cmd_curves, "anchors": cmd_anchors, "timeline": cmd_timeline}[a.command](a)
+    {"curves": cmd_curves, "anchors": cmd_anchors, "timeline": cmd_timeline, "learn": cmd_learn}[a.command](a)
 
 
 if __name__ == "__main__":
