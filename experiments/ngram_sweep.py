@@ -191,6 +191,15 @@ def run_all(args, jobs):
             done[settings_key(r["key"].split(" "))] = r
     key_of = {(name, seed): run_key(train_cmd(args, kw, seed, os.path.join(args.out, "runs", f"{name}_s{seed}")))
               for name, kw, seed in jobs}
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "a") as log:  # runs an earlier, interrupted sweep finished but did not cache
+        for name, kw, seed in jobs:
+            key = key_of[(name, seed)]
+            out = os.path.join(args.out, "runs", f"{name}_s{seed}")
+            bpb = None if key in done else finished(out, train_cmd(args, kw, seed, out), args.steps)
+            if bpb is not None:
+                done[key] = dict(key=key, name=name, seed=seed, val_bpb=bpb, seconds=0.0)
+                log.write(json.dumps(done[key]) + "\n")
     todo, seen = [], set()
     for name, kw, seed in jobs:
         key = key_of[(name, seed)]
