@@ -3,10 +3,12 @@ trade-off, on the same data and seeds (issue 11; docs/quality.md holds the table
 
     python experiments/quality.py curves      # dense / MoBA k0 / MoBA sab+dst / MoBA at DST's mean
     python experiments/quality.py anchors     # anchor {mean,min,max} x p {0.1,0.2,0.3}: quality + speed
-    python experiments/quality.py timeline    # one step's microbatches per rank, none vs sab+dst
-    python experiments/quality.py curves --steps 1000 --seeds 1 2 3       # the full-scale CPU run
+    python experiments/quality.py timeline --nproc 4 --cost-model out/bench_balance/cost_model.json \\
+        --measured out/bench_balance          # one step's microbatches per rank, none vs sab+dst
+    python experiments/quality.py learn --nproc 0 --steps 3000    # needle accuracy by step, one run
+    python experiments/quality.py curves --steps 1800 --seeds 1 2 3 --out out/quality_full   # ~10 CPU-min a run
     python experiments/quality.py curves --device cuda --nproc 8 --preset gpu --steps 2000 \\
-        --seeds 1 2 --out out/quality_gpu -- --passkey-frac 0.5            # the GPU version
+        --seeds 1 2 --out out/quality_gpu -- --passkey-frac 0.5            # the GPU version (>= 2 GPUs)
 
 Every run is `train.py` under torchrun (`--nproc` ranks, 2 by default: DST balances ranks, so it
 needs at least two), the same preset, data and seed for every arm (the seed fixes the initial
@@ -211,16 +213,18 @@ def plot_curves(a, recs, base, path):
             ax2.plot(np.arange(10, len(r["loss"]) + 1), loss, color=colors[arm], alpha=0.7, lw=1, label=lab)
     ax1.set(xlabel="step", ylabel="validation bits per byte", title="validation (each seed a line)")
     ax2.set(xlabel="step", ylabel="train loss (nats/token, 10-step mean)", title="training loss")
-    T, budgets = base.max_seq_len, train.needle_budgets(base)
-    width = 0.8 / len(a.arms)
-    for j, arm in enumerate(a.arms):
-        rs = [r for r in recs if r["arm"] == arm]
-        if rs:
-            acc = [statistics.mean(r["needle"][f"T{T}_k{k}"][0] for r in rs) for k in budgets]
-            ax3.bar(np.arange(len(budgets)) + j * width, acc, width, color=colors[arm], label=LABEL[arm])
-    ax3.set_xticks(np.arange(len(budgets)) + width * (len(a.arms) - 1) / 2, [f"k={k}" for k in budgets])
-    ax3.set(ylim=(0, 1.05), ylabel=f"needle exact match, free running, T={T}",
-            title="needle retrieval by decoding budget")
+    # final bpb per arm, one line per seed: the seed spread next to the differences between arms
+    arms = [arm for arm in a.arms if any(r["arm"] == arm for r in recs)]
+    for seed in a.seeds:
+        ys = [next((r["val_bpb"] for r in recs if r["arm"] == arm and r["seed"] == seed), np.nan) for arm in arms]
+        ax3.plot(range(len(arms)), ys, "-o", color="grey", alpha=0.6, ms=3)
+        ax3.annotate(f"seed {seed}", (len(arms) - 1, ys[-1]), xytext=(4, 0), textcoords="offset points", fontsize=7)
+    for j, arm in enumerate(arms):
+        ax3.plot(j, statistics.mean(r["val_bpb"] for r in recs if r["arm"] == arm), "_", color=colors[arm],
+                 ms=30, mew=3)
+    ax3.set_xticks(range(len(arms)), [LABEL[arm].replace("MoBA ", "MoBA\n") for arm in arms], fontsize=8)
+    ax3.set(ylabel=f"final validation bits per byte (step {a.steps})",
+            title="final bpb: each seed a line, mean a bar")
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=8)
