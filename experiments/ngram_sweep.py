@@ -290,7 +290,7 @@ def plot_sweep(rows, path):
                         label="dense (same activated)")
     ax.set_xlabel("total parameters (millions)")
     ax.set_ylabel("validation bits per byte")
-    ax.set_title("Scaling embeddings vs scaling experts (equal activated parameters)")
+    ax.set_title("N-gram tables vs more experts (equal activated parameters)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -374,7 +374,7 @@ def main(argv=None):
         plot_sweep(out["sweep"], os.path.join(args.plot_dir, "ngram_sweep.png"))
     if abl:
         out["ablations"] = report_ablations(args, abl, results)
-    print(f"\n({len(results)} of {len(jobs)} runs done, {time.time() - t0:.0f} s wall; run seconds "
+    print(f"\n({sum((n, s) in results for n, _, s in jobs)} of {len(jobs)} runs done, {time.time() - t0:.0f} s wall; run seconds "
           f"summed: {sum(r['seconds'] for r in results.values()):.0f})")
     return out
 
