@@ -9,8 +9,14 @@ seed fixes both the initial weights and the order of the samples), started as a 
 final validation bits per byte is read from its metrics.jsonl. Finished runs are cached in
 OUT/results.jsonl, so an interrupted sweep resumes where it stopped.
 
-    python experiments/ngram_sweep.py                          # CPU: both parts, ~30 min on 2 cores
-    python experiments/ngram_sweep.py --parts sweep --jobs 1   # only the NE-vs-experts sweep
+    python experiments/ngram_sweep.py --parts sweep            # CPU: 16 runs, 2 at a time
+    python experiments/ngram_sweep.py --parts ablations --steps 100 --warmup 10 \
+        --out out/ngram_ablations                              # 9 shorter runs
+    python experiments/ngram_sweep.py --parts sweep --report-only   # tables + plot from the cache
+
+On 2 free cores a run takes about 1-1.5 min (the sweep's last two, side by side: 75 s), so the
+sweep needs about 15 minutes and the shorter ablations about 5; other jobs on the cores stretch
+that several times (docs/ngram.md ran it at load 5-14).
     python experiments/ngram_sweep.py --device cuda --n-layer 8 --n-embd 384 --n-head 6 \\
         --expert-hidden 512 --max-seq-len 1024 --topk 8 --batch-size 32 --steps 3000 \\
         --warmup 200 --lr 1e-3 --eval-samples 256 --seeds 1 2 3 --jobs 1 --out out/ngram_sweep_gpu
