@@ -129,8 +129,8 @@ def next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 def prefill(model, idx, max_len):
     """A KV cache of max_len positions holding all of idx [B, T] but its last token, which is the
     input of the first decoding step. Every new token is then computed the same way by `generate`
-    and `speculative_generate` (decoding steps attend densely to the cache, a prefill attends
-    sparsely), so their greedy outputs match for prompts of any length."""
+    and `speculative_generate` (the same gate as training, over the cache's block-mean keys), so
+    their greedy outputs match for prompts of any length."""
     cache = model.new_cache(idx.size(0), max_len=max_len, device=idx.device)
     if idx.size(1) > 1:
         model(idx[:, :-1], cache=cache)
@@ -170,9 +170,9 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None
 def generate_recompute(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
                        generator=None):
     """Decoding without any cache: the whole sequence is re-run for every token (the baseline the
-    KV cache removes; O(T^2) work instead of O(T)). Same outputs as `generate` while the sequence
-    fits the attention budget (topk x attn_block tokens); beyond it a full forward attends sparsely
-    while cached decoding steps attend densely (see model.py's CausalSelfAttention)."""
+    KV cache removes; O(T^2) work instead of O(T)). The same logits as `generate` up to float rounding:
+    cached decoding runs the training gate over block-mean keys, so prefill + decode equals a
+    full forward (tests/test_model.py)."""
     check_sampling(temperature, top_k, top_p)
     check_prompt(model, idx, max_new_tokens)
     for _ in range(max_new_tokens):
