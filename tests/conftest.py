@@ -4,7 +4,9 @@ TRITON_INTERPRET must be set before triton is imported for the first time (impor
 not import triton), so it is done here, at collection time, when no CUDA device is present.
 """
 import os
+import shutil
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -23,3 +25,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def stdlib_package(tmp_path_factory):
+    """copy(name) -> a folder holding the .py files of one standard-library package: a small real
+    corpus for train.py's --data."""
+    def copy(name):
+        d = tmp_path_factory.mktemp(name)
+        src = os.path.join(sysconfig.get_paths()["stdlib"], name)
+        for f in sorted(os.listdir(src)):
+            if f.endswith(".py"):
+                shutil.copy(os.path.join(src, f), d / f)
+        return str(d)
+    return copy

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import balance
-from attention import coverage_floor
 from balance import (Balancer, CostModel, OnlineCorrection, simulate, synthetic_coverage,
                      tune_budgets, visited_blocks)
 from batching import check_plan, plan_batches

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 import numpy as np
 import pytest
@@ -27,14 +26,9 @@ ERRORS = (ValueError, OSError, train.TrainingError)  # what train.py's __main__ 
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(stdlib_package):
     """Five files of the standard library's json package: enough for a train/validation split."""
-    d = tmp_path_factory.mktemp("data")
-    src = os.path.join(sysconfig.get_paths()["stdlib"], "json")
-    for f in sorted(os.listdir(src)):
-        if f.endswith(".py"):
-            shutil.copy(os.path.join(src, f), d / f)
-    return str(d)
+    return stdlib_package("json")
 
 
 @pytest.fixture

@@ -6,10 +6,8 @@ them; models are tiny and runs a few steps long, so the whole file takes about a
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 from contextlib import nullcontext
 
 import numpy as np
@@ -27,14 +25,9 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--max-seq-len", "2
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(stdlib_package):
     """A small real corpus: the standard library's email package (about 30 files)."""
-    d = tmp_path_factory.mktemp("data")
-    src = os.path.join(sysconfig.get_paths()["stdlib"], "email")
-    for f in sorted(os.listdir(src)):
-        if f.endswith(".py"):
-            shutil.copy(os.path.join(src, f), d / f)
-    return str(d)
+    return stdlib_package("email")
 
 
 def torchrun(args, nproc=2, extra=(), timeout=120):
