@@ -639,8 +639,10 @@ class Balancer:
         err = sorted(abs(p - m) / m for p, m in zip(before, measured) if m > 0)
         mean_used = [sum(col) / len(col) for col in zip(*used)]          # per sample, over layers
         self.sab.update(step.lengths, mean_used)
-        if self.correction and self.seen:  # the first step of a process is a warm-up (allocator,
-            self.corr.update(list(measured), predicted)   # first touch of every page): not learnt
+        # The correction always learns (its scale makes `pred_err` meaningful); DST reads its
+        # factors only with correction on, so "off" keeps the budgets independent of timings.
+        if self.seen:  # the first step of a process is a warm-up (allocator, first touch of
+            self.corr.update(list(measured), predicted)   # every page): not learnt
         self.seen += 1
         return dict(mean_budget=sum(mean_used) / max(1, len(mean_used)),
                     mean_budget_layer=[sum(row) / max(1, len(row)) for row in used],

@@ -379,3 +379,21 @@ def test_dst_tolerance_leaves_balanced_ranks_uncut_and_grows_the_cheap_blocks():
     assert sum(loose.budgets) > sum(min(k0, n) for n in blocks)         # free accuracy
     with pytest.raises(ValueError, match="tolerance"):
         tune_budgets(plan, lengths, cm, "mean", k0, tolerance=-0.1)
+
+
+def test_correction_off_keeps_targets_independent_of_timings_but_still_reports():
+    cm = CostModel.analytic(block_size=64, n_embd=64, n_head=2)
+    lengths = [16000, 900, 15000, 700, 14000, 16384, 300, 12000]
+    fast, slow = (Balancer(cm, 2, "sab+dst", k0=8, n_layer=1, correction=False) for _ in range(2))
+    for _ in range(3):
+        a, b = fast.plan(lengths), slow.plan(lengths)
+        assert a.targets == b.targets and a.plan == b.plan
+        fast.observe(a, [a.targets], [1.0, 1.0])
+        logs = slow.observe(b, [b.targets], [1.0, 5.0])             # rank 1 five times slower
+    assert slow.corr.scale > 1e3                   # the analytic seconds are far off: learnt anyway
+    assert logs["pred_err"] < 0.5                  # so the logged prediction error means something
+    on = Balancer(cm, 2, "sab+dst", k0=8, n_layer=1)
+    for _ in range(3):
+        st = on.plan(lengths)
+        on.observe(st, [st.targets], [1.0, 5.0])
+    assert on.plan(lengths).targets != fast.plan(lengths).targets   # with it on, DST reacts
