@@ -645,8 +645,7 @@ def decode_attention(q, k, v, k_means, pos, topk, block_size):
     keep = max(0, min(int(budget.max()) - 1, nb))
     if not keep:
         return (torch.softmax(s_own / math.sqrt(D), dim=-1) @ V_own).to(q.dtype)
-    s = qf @ k_means[:, :, :nb].float().transpose(-1, -2)                  # [B, H, n, nb]
-    s = s.masked_fill(torch.arange(nb, device=q.device) >= i[:, None], float("-inf"))
+    s = _past_scores(q, k_means[:, :, :nb].float(), i, torch.zeros_like(i))    # [B, H, n, nb]
     top = s.sort(dim=-1, descending=True, stable=True).indices[..., :keep]    # [B, H, n, keep]
     cnt = torch.minimum(budget[:, None] - 1, i[None])[:, None, :, None]    # [B, 1, n, 1]
     valid = torch.arange(keep, device=q.device) < cnt                      # [B, 1, n, keep]

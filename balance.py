@@ -320,6 +320,11 @@ class CostModel:
         tokens alone in a row, at budget topk (blocks incl. its own; None or >= blocks = dense)."""
         return self.predict_microbatch([seq_len], [topk])
 
+    def predict_plan(self, plan, lengths, budgets):
+        """predict_microbatch of every microbatch of a plan: [rank][micro] seconds (one layer)."""
+        return [[self.predict_microbatch([lengths[i] for i in m], [budgets[i] for i in m])
+                 for m in rank] for rank in plan]
+
     def predict_microbatch(self, lengths, budgets):
         """One layer's forward + backward seconds for a microbatch as it runs: one packed row,
         so the fixed per-call cost is paid once, attention per document at its budget, linear
@@ -606,8 +611,8 @@ class Balancer:
 
     def _rank_seconds(self, plan, lengths, budgets_per_layer):
         """Predicted seconds per rank: every layer's packed microbatches at its budgets."""
-        return [sum(self.cost.predict_microbatch([lengths[i] for i in m], [ks[i] for i in m])
-                    for ks in budgets_per_layer for m in rank) for rank in plan]
+        per_layer = [self.cost.predict_plan(plan, lengths, ks) for ks in budgets_per_layer]
+        return [sum(sum(layer[r]) for layer in per_layer) for r in range(len(plan))]
 
     def plan(self, lengths):
         t0 = time.process_time()
@@ -620,7 +625,8 @@ class Balancer:
         res = tune_budgets(plan, lengths, self.cost, self.anchor, self.k0, "rank",
                            rank_scale=scale, tolerance=self.tolerance) if self.dst else None
         targets = res.budgets if res else at_k0
-        pred = self.corr.corrected(self._rank_seconds(plan, lengths, [targets] * self.n_layer))
+        pred = self.corr.corrected([self.n_layer * x for x in
+                                    self._rank_seconds(plan, lengths, [targets])])
         k0_loads = self._rank_seconds(plan, lengths, [at_k0])
         report = dict(plan_ms=1e3 * (time.process_time() - t0),
                       imbalance_k0=max(k0_loads) / max(1e-30, sum(k0_loads) / len(k0_loads)),
@@ -817,8 +823,7 @@ def run_ablation(draw_lengths, rng, steps, cm, dp, pp, global_batch, k0, p, n_la
             else:
                 budgets = [min(n, k0) for n in blocks]
             state.update(lengths, budgets)
-            lat = [[n_layer * cm.predict_microbatch([lengths[i] for i in m], [budgets[i] for i in m])
-                    for m in rank] for rank in plan]
+            lat = [[n_layer * x for x in rank] for rank in cm.predict_plan(plan, lengths, budgets)]
             if order == "1f1b":
                 lat = [order_for_1f1b(r) for r in lat]
             sim = simulate(lat, pp)
