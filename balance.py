@@ -1,12 +1,12 @@
-"""The latency cost model, dynamic sparsity tuning (DST) and a DP x PP step simulator.
+"""The latency cost model, dynamic sparsity tuning (DST) and the per-step Balancer.
 
 SparseBalance (Xu et al., 2026): the attention budget k (key blocks per query block, the
 diagonal block included) is a run-time knob for load balance. A cost model predicts each
 sequence's latency; DST cuts the budget of stragglers down to an anchor latency (never below a
 routing-coverage floor) and raises the budget of under-loaded units up to the anchor ("free
-accuracy"). This file never runs the model: it only predicts, tunes and simulates.
+accuracy"). This file never runs the model: it only predicts and tunes. The paper's ablation,
+simulated on a DP x PP 1F1B schedule, is experiments/simulate.py.
 
-    python balance.py --simulate            # ablation tables + planning/tuning benchmark
     python balance.py --profile cost.json   # measure a cost table on this device (tqdm bar)
     python balance.py --check cost.json     # its error at lengths/budgets it never measured
 
@@ -23,16 +23,17 @@ Public API (stable):
     corr = OnlineCorrection(world_size, decay=0.9)
         corr.update(measured, predicted)     # per-rank lists of seconds, after each step
         corr.factors -> list[float]          # pass as tune_budgets(..., rank_scale=corr.factors)
-    res = tune_budgets(plan, lengths, cost_model, anchor="mean", p=0.1, k0=32, coverage=None,
-                       block_size=None, unit="rank", k_max=None, default_floor=0.5,
-                       rank_scale=None) -> DSTResult
-        res.budgets   list[int], one per sample (indexed like `lengths`; [n_layer][S] with
-                      per-layer coverage); train.py turns it into a LongTensor.
-        res.floors, res.anchor, res.units, res.loads_k0, res.loads, res.shortfalls, res.feasible
-    coverage_floor(curve, k0, p) -> int
+    res = tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k_max=None,
+                       rank_scale=None, block_size=None, pipeline_stages=1, tolerance=0.0)
+        res.budgets   list[int], the latency target of every sample (indexed like `lengths`);
+                      each layer raises it to its own coverage floor (attention.select_blocks)
+        res.anchor, res.units, res.loads_k0, res.loads, res.shortfalls
+    bal = Balancer(cm, world, "sab+dst", k0=32, p=0.1, anchor="mean", n_layer=...)
+        step = bal.plan(lengths)             # identical on every rank, no communication
+        model(..., **step.layer_args())      # the per-layer half: targets, k0, p
+        bal.observe(step, used_budgets, measured_seconds)
     check_cost_model(cm, points=None) -> [(length, budget, measured s, predicted s)]
-    sim = simulate(latencies, pp=1, fwd_frac=1/3) -> SimResult(step_time, rank_times, compute,
-                                                               imbalance, micro_imbalance, bubble)
+    one_f_one_b(latencies, pp, fwd_frac) -> seconds of one 1F1B pipeline (DST's growth cap)
 
 What "load" means (one layer's predicted seconds, summed over the unit's sequences):
 - unit="microbatch": one microbatch's latency. This is the paper's DST, and the unit of a
@@ -47,11 +48,10 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 
-from batching import SABState, check_plan, imbalance, order_for_1f1b, padded, plan_batches
+from batching import SABState, check_plan, padded, plan_batches
 
 ANCHORS = ("mean", "min", "max")
 UNITS = ("rank", "microbatch")
@@ -531,7 +531,7 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k
                 ks = budgets_at(j, level[j])
                 lat += [scale[j] * (cost_model.fixed + sum(doc[lengths[i]](ks[i]) for i in m))
                         for m in micros]
-        return sum(lat) if pipeline_stages == 1 else _one_f_one_b(lat, pipeline_stages, 1 / 3)
+        return sum(lat) if pipeline_stages == 1 else one_f_one_b(lat, pipeline_stages, 1 / 3)
     cap = max(rank_time(r) for r in range(len(plan))) * (1 + 1e-12)
 
     def fits(j, r, t):
@@ -551,6 +551,48 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k
             budgets[i] = k
     return DSTResult(budgets=budgets, anchor=A, units=[u for u, _, _ in units], loads_k0=loads_k0,
                      loads=[load(j, level[j]) for j in range(len(units))], shortfalls=shortfalls)
+
+
+def one_f_one_b(lat, pp, fwd_frac):
+    """Finish time of one pipeline running microbatch latencies `lat` with 1F1B.
+
+    Stage s holds 1/pp of the layers: forward lat*fwd_frac/pp, backward lat*(1-fwd_frac)/pp.
+    Stage s runs min(pp-1-s, M) warm-up forwards, then alternates one forward and one
+    backward, then drains the remaining backwards. F(s, i) waits for F(s-1, i); B(s, i) waits
+    for B(s+1, i) (the last stage: for its own F(s, i), earlier in its order).
+    """
+    M = len(lat)
+    f = [x * fwd_frac / pp for x in lat]
+    bw = [x * (1 - fwd_frac) / pp for x in lat]
+    orders = []
+    for s in range(pp):
+        w = min(pp - 1 - s, M)
+        order = [("F", i) for i in range(w)]
+        for i in range(M - w):
+            order += [("F", w + i), ("B", i)]
+        orders.append(order + [("B", i) for i in range(M - w, M)])
+    end = {}
+    free, pos = [0.0] * pp, [0] * pp
+    remaining = 2 * M * pp
+    while remaining:
+        progressed = False
+        for s in range(pp):
+            while pos[s] < len(orders[s]):
+                kind, i = orders[s][pos[s]]
+                if kind == "F":
+                    dep = 0.0 if s == 0 else end.get(("F", s - 1, i))
+                else:
+                    dep = end.get(("F", s, i)) if s == pp - 1 else end.get(("B", s + 1, i))
+                if dep is None:
+                    break
+                free[s] = max(free[s], dep) + (f[i] if kind == "F" else bw[i])
+                end[(kind, s, i)] = free[s]
+                pos[s] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError("1F1B schedule deadlocked (a bug in the schedule order)")
+    return max(free)
 
 
 def _largest_within(cost, limit, lo, hi):
@@ -665,260 +707,28 @@ class Balancer:
         self.corr.load_state_dict(d["correction"])
 
 
-# ----------------------------------------------------------------------------- simulator
-
-@dataclasses.dataclass
-class SimResult:
-    step_time: float        # seconds: the slowest data-parallel replica's pipeline
-    rank_times: list        # pipeline time per data-parallel replica
-    compute: list           # summed microbatch latency per data-parallel replica
-    imbalance: float        # max/mean of `compute` (per-rank compute)
-    micro_imbalance: float  # max/mean latency over the non-empty microbatches
-    bubble: float           # idle share of all dp x pp devices over the step
-
-
-def _one_f_one_b(lat, pp, fwd_frac):
-    """Finish time of one pipeline running microbatch latencies `lat` with 1F1B.
-
-    Stage s holds 1/pp of the layers: forward lat*fwd_frac/pp, backward lat*(1-fwd_frac)/pp.
-    Stage s runs min(pp-1-s, M) warm-up forwards, then alternates one forward and one
-    backward, then drains the remaining backwards. F(s, i) waits for F(s-1, i); B(s, i) waits
-    for B(s+1, i) (the last stage: for its own F(s, i), earlier in its order).
-    """
-    M = len(lat)
-    f = [x * fwd_frac / pp for x in lat]
-    bw = [x * (1 - fwd_frac) / pp for x in lat]
-    orders = []
-    for s in range(pp):
-        w = min(pp - 1 - s, M)
-        order = [("F", i) for i in range(w)]
-        for i in range(M - w):
-            order += [("F", w + i), ("B", i)]
-        orders.append(order + [("B", i) for i in range(M - w, M)])
-    end = {}
-    free, pos = [0.0] * pp, [0] * pp
-    remaining = 2 * M * pp
-    while remaining:
-        progressed = False
-        for s in range(pp):
-            while pos[s] < len(orders[s]):
-                kind, i = orders[s][pos[s]]
-                if kind == "F":
-                    dep = 0.0 if s == 0 else end.get(("F", s - 1, i))
-                else:
-                    dep = end.get(("F", s, i)) if s == pp - 1 else end.get(("B", s + 1, i))
-                if dep is None:
-                    break
-                free[s] = max(free[s], dep) + (f[i] if kind == "F" else bw[i])
-                end[(kind, s, i)] = free[s]
-                pos[s] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            raise RuntimeError("1F1B schedule deadlocked (a bug in the schedule order)")
-    return max(free)
-
-
-def simulate(latencies, pp=1, fwd_frac=1 / 3):
-    """Step time of DP x PP training with a 1F1B pipeline (the setting of SparseBalance's
-    ablation). latencies[d][m]: seconds of microbatch m of data-parallel replica d through the
-    whole model (all stages, forward+backward). Every replica needs the same number of
-    microbatches. Ignores communication (gradient all-reduce, activations between stages)."""
-    if not latencies or len({len(r) for r in latencies}) != 1 or pp < 1:
-        raise ValueError("simulate needs latencies[dp][m] with the same m for every replica "
-                         "and pp >= 1")
-    rank_times = [_one_f_one_b(list(r), pp, fwd_frac) for r in latencies]
-    compute = [sum(r) for r in latencies]
-    step = max(rank_times)
-    mean = sum(compute) / len(compute)
-    micro = [x for r in latencies for x in r if x > 0]
-    return SimResult(
-        step_time=step, rank_times=rank_times, compute=compute,
-        imbalance=max(compute) / mean if mean > 0 else 1.0,
-        micro_imbalance=max(micro) / (sum(micro) / len(micro)) if micro else 1.0,
-        bubble=1.0 - sum(compute) / (step * len(latencies) * pp) if step > 0 else 0.0)
-
-
-# ----------------------------------------------------------------------------- --simulate
-
-def synthetic_lengths(mix, n, rng):
-    """Synthetic length mixes (NOT the real datasets): "bimodal" ~ ChatQA2-Long-SFT (55% short,
-    log-normal around 1.5K, 128..4K; 45% long, log-normal around 24K, 16K..64K) and "longtail"
-    ~ LongAlign-10k (Pareto tail from 8K, alpha 1.2, cut at 72K)."""
-    out = []
-    for _ in range(n):
-        if mix == "bimodal":
-            if rng.random() < 0.55:
-                x = min(4096, max(128, rng.lognormvariate(math.log(1536), 0.6)))
-            else:
-                x = min(65536, max(16384, rng.lognormvariate(math.log(24576), 0.5)))
-        else:
-            x = min(73728, 8192 * rng.paretovariate(1.2))
-        out.append(int(x))
-    return out
-
-
-def stdlib_lengths(crop=None):
-    """Byte lengths of the default corpus's files (data.py), empty files dropped, optionally
-    cropped."""
-    from data import stdlib_files
-    sizes = [os.path.getsize(path) for path in stdlib_files()]
-    return [size if crop is None else min(size, crop) for size in sizes if size]
-
-
-def synthetic_coverage(n_blocks, alpha):
-    """A routing-coverage curve for a document of n_blocks blocks when the gate's mass over the
-    blocks a query block can see falls as rank^-alpha (larger alpha = more concentrated = less
-    sensitive to sparsity). C[j-1] = mean over query blocks i of P(min(j, i+1)) / P(i+1),
-    P(m) = sum_{r<=m} r^-alpha, which is (j + P(j) * sum_{m>j} 1/P(m)) / n: O(n) per curve."""
-    P = [0.0]
-    for r in range(1, n_blocks + 1):
-        P.append(P[-1] + r ** -alpha)
-    tail = [0.0] * (n_blocks + 2)  # tail[j] = sum_{m=j..n} 1/P(m)
-    for m in range(n_blocks, 0, -1):
-        tail[m] = tail[m + 1] + 1.0 / P[m]
-    return [min(1.0, (j + P[j] * tail[j + 1]) / n_blocks) for j in range(1, n_blocks + 1)]
-
-
-def _floors(curves, k0, p):
-    """Coverage floors of synthetic curves (ragged lists) with the model's own rule."""
-    import torch
-    from attention import coverage_floor
-    width = max(len(c) for c in curves)
-    return coverage_floor(torch.tensor([c + [1.0] * (width - len(c)) for c in curves]),
-                          k0, p).tolist()
-
-
-ABLATION = [("baseline", "naive", False), ("+ DST", "naive", True), ("+ SAB", "sab", False),
-            ("+ SAB + DST", "sab", True), ("+ LBB", "lbb", False), ("+ LBB + DST", "lbb", True)]
-
-
-def run_ablation(draw_lengths, rng, steps, cm, dp, pp, global_batch, k0, p, n_layer, capacity,
-                 unit="microbatch", anchor="mean", configs=ABLATION, order=None, tolerance=0.02):
-    """Mean step time etc. over `steps` global batches for the configurations of the paper's
-    ablation. draw_lengths(n, rng) -> n sequence lengths. DST runs in its two halves: targets
-    before the step (tune_budgets), then each sample at max(target, its coverage floor) as the
-    layers would (synthetic curves). Step times come from simulate() on cost-model latencies of
-    packed microbatches, not measured. order="1f1b": each replica's microbatches reordered, small
-    ones at both ends (batching.order_for_1f1b)."""
-    b = cm.block_size
-    M = global_batch // dp
-    states = {name: SABState(k0, b) for name, _, _ in configs}
-    acc = {name: dict(step=0.0, imb=0.0, mimb=0.0, bubble=0.0, kb=[], cov=[], ratio=[], short=0)
-           for name, _, _ in configs}
-    for _ in range(steps):
-        lengths = draw_lengths(global_batch, rng)
-        blocks = [-(-x // b) for x in lengths]
-        curves = [synthetic_coverage(n, rng.uniform(0.6, 1.4)) for n in blocks]
-        floors = _floors(curves, k0, p)
-        for name, policy, dst in configs:
-            state, a = states[name], acc[name]
-            plan = plan_batches(lengths, dp, M, policy, cost=state.cost_fn(cm), capacity=capacity,
-                                block_size=b, pipeline_stages=pp)
-            if dst:
-                res = tune_budgets(plan, lengths, cm, anchor, k0, unit=unit, pipeline_stages=pp,
-                                   tolerance=tolerance)
-                budgets = [min(n, max(t, f)) for n, t, f in zip(blocks, res.budgets, floors)]
-                a["short"] += sum(f > t for t, f in zip(res.budgets, floors))
-            else:
-                budgets = [min(n, k0) for n in blocks]
-            state.update(lengths, budgets)
-            lat = [[n_layer * x for x in rank] for rank in cm.predict_plan(plan, lengths, budgets)]
-            if order == "1f1b":
-                lat = [order_for_1f1b(r) for r in lat]
-            sim = simulate(lat, pp)
-            a["step"] += sim.step_time / steps
-            a["imb"] += sim.imbalance / steps
-            a["mimb"] += sim.micro_imbalance / steps
-            a["bubble"] += sim.bubble / steps
-            for n, k, c in zip(blocks, budgets, curves):
-                if n > k0:  # only sparse-eligible sequences: dense ones sit at 1.0
-                    a["kb"].append(k)
-                    a["cov"].append(c[k - 1])
-                    a["ratio"].append(c[k - 1] / c[k0 - 1])
-    base = acc[configs[0][0]]["step"]
-    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
-    rows = []
-    for name, _, _ in configs:
-        a = acc[name]
-        rows.append((name, a["imb"], a["mimb"], a["step"] * 1e3, base / a["step"], mean(a["kb"]),
-                     mean(a["cov"]), min(a["ratio"], default=float("nan")), a["bubble"],
-                     a["short"]))
-    return rows
-
-
-def print_table(title, rows):
-    print(f"\n{title}")
-    print("| config      | imbalance rank | imbalance mb | step (ms) | speedup | mean budget "
-          "| mean coverage | min cov/cov(k0) | bubble | floor > target |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]:<11} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.0f} | {r[4]:.2f}x | {r[5]:.1f} "
-              f"| {r[6]:.3f} | {r[7]:.3f} | {r[8]:.2f} | {r[9]} |")
-
-
-def benchmark(cm, k0, n=1024, world=64, M=4, repeats=20, seed=0):
-    """Wall and CPU time of Balancer.plan (SAB + DST's pre-step half) for one global batch of n
-    sequences, a fresh batch each repeat (the cost model's per-length cache persists, as in
-    training)."""
-    rng = random.Random(seed)
-    bal = Balancer(cm, world, "sab+dst", k0=k0, num_microbatches=M)
-    wall, cpu = [], []
-    for _ in range(repeats):
-        lengths = synthetic_lengths("bimodal", n, rng)
-        t, c = time.perf_counter(), time.process_time()
-        step = bal.plan(lengths)
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-        bal.sab.update(lengths, step.targets)
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return med(wall), med(cpu), imbalance(step.plan, [cm.predict(x, k0) for x in lengths])
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        description="SparseBalance cost model, DST and DP x PP simulator. --simulate prints the "
-                    "paper's ablation (baseline, +DST, +SAB, +SAB+DST, +LBB, +LBB+DST) on two "
-                    "SYNTHETIC length mixes and on the default corpus's lengths; its step times "
-                    "are SIMULATED from a cost model through a 1F1B schedule, not measured. "
-                    "--profile measures a cost table on this device (tqdm bar).")
-    ap.add_argument("--simulate", action="store_true", help="print the ablation tables")
+        description="SparseBalance's latency cost model: --profile measures a cost table on this "
+                    "device (tqdm bar), --check measures it at points it never saw. The paper's "
+                    "ablation (a DP x PP simulator) is experiments/simulate.py.")
     ap.add_argument("--profile", metavar="PATH", help="profile a cost table here, save as JSON")
-    ap.add_argument("--cost-model", default="analytic",
-                    help="--simulate: 'analytic' (a 3B-like layer) or a JSON file from --profile")
-    ap.add_argument("--steps", type=int, default=100, help="global batches per mix (--simulate)")
-    ap.add_argument("--bench-repeats", type=int, default=20,
-                    help="--simulate: timed planning+tuning repeats (the median is printed)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic mixes")
-    ap.add_argument("--p", type=float, default=0.1, help="allowed coverage drop of DST")
-    ap.add_argument("--k0", type=int, default=32, help="default budget in blocks")
-    ap.add_argument("--anchor", default="mean", choices=ANCHORS, help="--simulate: DST anchor")
-    ap.add_argument("--tolerance", type=float, default=0.02,
-                    help="--simulate: DST leaves units within this share of the anchor uncut "
-                         "(as the Balancer does in training; 0 = the paper's rule)")
-    ap.add_argument("--order", default="none", choices=("none", "1f1b"),
-                    help="--simulate: 1f1b = each replica's microbatches reordered, small ones at "
-                         "both ends (as verl orders them)")
-    ap.add_argument("--block-size", type=int, default=256, help="attention block size (tokens)")
-    ap.add_argument("--dp", type=int, default=2, help="--simulate: data-parallel replicas")
-    ap.add_argument("--pp", type=int, default=4, help="--simulate: pipeline stages (1F1B)")
-    ap.add_argument("--global-batch", type=int, default=16, help="--simulate: sequences per step")
-    ap.add_argument("--n-layer", type=int, default=36, help="--simulate: layers of the model")
+    ap.add_argument("--check", metavar="PATH",
+                    help="measure off-grid points of the cost table PATH on this device and "
+                         "print measured vs predicted")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
                     help="--profile grid: sequence lengths (tokens)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
                     help="--profile grid: budgets (blocks)")
+    ap.add_argument("--block-size", type=int, default=256, help="--profile: attention block size")
     ap.add_argument("--n-embd", type=int, default=256, help="--profile: layer width")
     ap.add_argument("--n-head", type=int, default=4, help="--profile: attention heads")
     ap.add_argument("--mlp-ratio", type=int, default=4, help="--profile: MLP width / n_embd")
     ap.add_argument("--impl", default="auto", help="--profile: attention implementation")
     ap.add_argument("--threads", type=int, default=0,
                     help="--profile: torch threads (0 = torch's default; train.py uses 1 per rank)")
-    ap.add_argument("--check", metavar="PATH",
-                    help="measure off-grid points of the cost table PATH on this device and "
-                         "print measured vs predicted")
     args = ap.parse_args(argv)
-    if not (args.simulate or args.profile or args.check):
+    if not (args.profile or args.check):
         ap.print_help()
         return
     if args.profile:
@@ -932,8 +742,6 @@ def main(argv=None):
               f"{cm.meta['device']}) to {args.profile}")
     if args.check:
         print_check(args.check)
-    if args.simulate:
-        print_simulation(args)
 
 
 def print_check(path):
@@ -950,53 +758,6 @@ def print_check(path):
     print(f"off-grid |error|: median {100 * errors[len(errors) // 2]:.1f}%, "
           f"max {100 * errors[-1]:.1f}% over {len(errors)} points")
 
-
-def print_simulation(args):
-    """--simulate: the ablation tables on three length mixes, then the planning benchmark."""
-    if args.global_batch % args.dp:
-        raise ValueError(f"--global-batch {args.global_batch} must be a multiple of --dp {args.dp}")
-    k0, p = args.k0, args.p
-    dp, pp, gb, n_layer = args.dp, args.pp, args.global_batch, args.n_layer
-    unit = "microbatch" if pp > 1 else "rank"
-    if args.cost_model == "analytic":
-        # A Qwen2.5-3B-like layer: width 2048, 16 heads of 128, MLP ~ SwiGLU 11008 (ratio 8).
-        cm = CostModel.analytic(block_size=args.block_size, n_embd=2048, n_head=16, mlp_ratio=8)
-        source = "the analytic cost model of a 3B-like layer (width 2048, 16 heads of 128)"
-    else:
-        cm = CostModel.load(args.cost_model)
-        source = (f"the cost table {args.cost_model} ({cm.kind}, measured on "
-                  f"{cm.meta.get('device', '?')}, width {cm.meta.get('n_embd', '?')})")
-    b = cm.block_size
-    print(f"SparseBalance ablation, SIMULATED: step times come from {source} x {n_layer} layers "
-          f"and a 1F1B simulator (no model runs); DP {dp} x PP {pp}, global batch {gb}, "
-          f"{gb // dp} microbatches per replica, block {b}, k0 {k0}, anchor {args.anchor}, p {p}, "
-          f"DST unit {unit}, tolerance {args.tolerance}, microbatch order {args.order}, "
-          f"{args.steps} global batches per mix "
-          f"(seed {args.seed}). Synthetic routing-coverage curves (gate mass ~ rank^-alpha, alpha ~ "
-          "U(0.6, 1.4)). Short documents may share a microbatch up to the capacity (the longest "
-          "document). SAB and LBB pack with the same objective (the predicted 1F1B time of each "
-          "replica), so only their costs differ.")
-    print("imbalance rank = max/mean summed compute of the DP replicas; imbalance mb = max/mean "
-          "over non-empty microbatches; mean budget/coverage over sequences longer than k0 blocks; "
-          "DST runs each sample at max(target, coverage floor), as the layers do; floor > target = "
-          "samples whose floor was above their target (summed over steps).")
-    corpus = stdlib_lengths(crop=65536)
-    mixes = [("(a) bimodal, ChatQA2-Long-SFT-like (SYNTHETIC mix)",
-              lambda n, rng: synthetic_lengths("bimodal", n, rng), 65536),
-             ("(b) long tail 8K-72K, LongAlign-10k-like (SYNTHETIC mix)",
-              lambda n, rng: synthetic_lengths("longtail", n, rng), 73728),
-             (f"(c) default corpus: {len(corpus)} stdlib .py files of this interpreter, "
-              "bytes = tokens, cropped at 64K",
-              lambda n, rng: [rng.choice(corpus) for _ in range(n)], 65536)]
-    for title, draw, cap in mixes:
-        print_table(title, run_ablation(draw, random.Random(args.seed), args.steps, cm, dp, pp,
-                                        gb, k0, p, n_layer, padded(cap, b), unit, args.anchor,
-                                        order=args.order, tolerance=args.tolerance))
-    wall, cpu, imb = benchmark(cm, k0, repeats=args.bench_repeats)
-    print(f"\nplanning (sab) + tuning (DST's pre-step half, unit rank) of 1024 sequences on 64 "
-          f"ranks x 4 microbatches: {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU (medians of "
-          f"{args.bench_repeats} fresh batches, this machine); plan imbalance at k0: "
-          f"rank {imb['rank']:.3f}, microbatch {imb['microbatch']:.3f}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,12 +1,22 @@
-"""The default corpus: the running Python's own standard-library sources.
+"""Every way the project reads documents, and the synthetic ones it makes.
 
-Every machine with Python has them, so training, benchmarks and analyses run offline with no
-download. About 870 files and 13 MB (tests excluded), from 100 bytes to 750 KB: a naturally
-long-tailed length distribution, which is what the load balancer is for. One file = one document;
-its bytes are the tokens (train.py appends the end-of-document id 256).
+The default corpus is the running Python's own standard-library sources: every machine with
+Python has them, so training, benchmarks and analyses run offline with no download. About 870
+files and 13 MB (tests excluded), from 100 bytes to 750 KB: a naturally long-tailed length
+distribution, which is what the load balancer is for. One file = one document; its bytes are the
+tokens, followed by the end-of-document id EOS = 256. `--data` may instead name a directory of
+text files, one text file, or a nanoGPT-style `.bin` of uint16 tokens.
+
+    documents(path)                  -> (name, tokens ending in EOS) pairs, lazily
+    load_documents(path, val_frac, max_seq_len) -> (train, val) lists of token arrays
+    chunk(docs, max_seq_len)         -> samples of at most max_seq_len + 1 tokens
+    corpus_tokens(max_bytes)         -> the default corpus as one token stream (analyses, prompts)
+    stdlib_lengths(crop)             -> the default corpus's document lengths (the simulator)
+    draw_mix, passkey_sample         -> a step's length mix; a synthetic needle document
 """
 import os
 import sysconfig
+import zlib
 
 import numpy as np
 
@@ -31,6 +41,93 @@ def stdlib_files():
         raise FileNotFoundError(f"no .py files under {root}: this Python ships no standard-library "
                                 "sources; pass --data with your own text files")
     return paths
+
+
+def text_files(root, note=print):
+    """Every regular file under a --data directory, in sorted order, hidden files and folders
+    skipped. Only regular files: opening a FIFO (or socket, device) would block or fail. `note`
+    reports how many entries were skipped for that."""
+    paths, skipped = [], 0
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        found = [os.path.join(d, f) for f in sorted(files) if not f.startswith(".")]
+        regular = [f for f in found if os.path.isfile(f)]  # regular files, or links to them
+        paths, skipped = paths + regular, skipped + len(found) - len(regular)
+    if skipped:
+        note(f"--data {root}: skipped {skipped} entries that are not regular files (FIFOs, sockets, devices)")
+    return paths
+
+
+def documents(path=None, max_seq_len=None, note=print):
+    """Yield (name, 1-D uint16 tokens ending in EOS) for every document of `path`: None = the
+    default corpus, a directory = its text files (empty and binary files skipped), a `.bin` file =
+    uint16 tokens cut at EOS (or into max_seq_len pieces when it has none), another file = one text
+    stream cut into max_seq_len pieces."""
+    if path is not None and os.path.exists(path) and not (os.path.isdir(path) or os.path.isfile(path)):
+        raise ValueError(f"--data {path}: not a regular file or directory (a FIFO, socket or device?)")
+    if path is None or os.path.isdir(path):
+        root = path or stdlib_root()
+        for f in stdlib_files() if path is None else text_files(path, note):
+            with open(f, "rb") as fh:
+                b = fh.read()
+            if b and b"\0" not in b[:4096]:  # skip empty and binary files
+                yield os.path.relpath(f, root), np.append(np.frombuffer(b, np.uint8).astype(np.uint16), EOS)
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data {path}: no such file or directory")
+    if path.endswith(".bin"):  # nanoGPT-style uint16 tokens; documents end at EOS if it occurs
+        if os.path.getsize(path) % 2:
+            raise ValueError(f"--data {path}: {os.path.getsize(path)} bytes, an odd count, so not "
+                             "uint16 tokens (truncated?); write 2 bytes per token")
+        toks = np.fromfile(path, dtype=np.uint16)
+        ends = np.flatnonzero(toks == EOS) + 1
+        parts = np.split(toks, ends) if len(ends) else np.array_split(toks, max(1, len(toks) // max_seq_len))
+    else:  # one text file: a stream cut into max_seq_len pieces, so that a split exists
+        with open(path, "rb") as fh:
+            b = np.frombuffer(fh.read(), np.uint8).astype(np.uint16)
+        parts = [np.append(b[i:i + max_seq_len], EOS) for i in range(0, len(b), max_seq_len)]
+    yield from ((str(i), a) for i, a in enumerate(parts) if len(a) >= 2)
+
+
+def load_documents(path, val_frac, max_seq_len, note=print):
+    """Read the corpus and split it by a hash of each document's name, which is stable across
+    machines and Python versions (unlike positions or `hash()`). -> (train, val): lists of 1-D uint16
+    arrays ending in EOS."""
+    named = list(documents(path, max_seq_len, note))
+    if not named:
+        raise FileNotFoundError(f"--data {path or stdlib_root()}: no (non-empty, text) documents found")
+    if max(int(a.max()) for _, a in named) > EOS:
+        raise ValueError(f"--data {path}: token ids above {EOS}; this model has a byte vocabulary")
+    held = [zlib.crc32(n.encode()) % 10_000 < val_frac * 10_000 for n, _ in named]
+    val = [a for (_, a), h in zip(named, held) if h]
+    train = [a for (_, a), h in zip(named, held) if not h]
+    if not val or not train:  # tiny corpora: hold out the last document, or share the only one
+        train, val = ([a for _, a in named[:-1]], [named[-1][1]]) if len(named) > 1 else ([named[0][1]],) * 2
+    return train, val
+
+
+def chunk(docs, max_seq_len):
+    """Cut documents into samples of at most max_seq_len + 1 tokens (inputs and shifted targets);
+    consecutive chunks overlap by one token so every token is predicted exactly once."""
+    return [d[i:i + max_seq_len + 1] for d in docs for i in range(0, len(d) - 1, max_seq_len)]
+
+
+def corpus_tokens(max_bytes=4_000_000):
+    """The default corpus as one uint16 token stream: documents in sorted path order, each followed
+    by EOS, cut after max_bytes tokens."""
+    parts, total = [], 0
+    for _, toks in documents():
+        parts.append(toks)
+        total += len(toks)
+        if total >= max_bytes:
+            break
+    return np.concatenate(parts)[:max_bytes]
+
+
+def stdlib_lengths(crop=None):
+    """Byte lengths of the default corpus's files, empty files dropped, optionally cropped."""
+    sizes = [os.path.getsize(path) for path in stdlib_files()]
+    return [size if crop is None else min(size, crop) for size in sizes if size]
 
 
 def draw_mix(rng, lengths, n, mix=None, p=None, short_max=2048, long_min=12288):

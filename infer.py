@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import GPT, stdlib_corpus
+from data import corpus_tokens
+from model import GPT
 
 # -----------------------------------------------------------------------------
 # Loading and checking inputs (errors are raised here, at the boundary)
@@ -474,7 +475,7 @@ def encode(text):
 def corpus_prompts(n, length=64):
     """n prompts of `length` tokens from the default corpus (the standard library's sources), each
     starting after a newline at evenly spaced offsets: the same prompts on every run."""
-    data = stdlib_corpus()
+    data = torch.from_numpy(corpus_tokens().astype("int64"))
     prompts = []
     for i in range(n):
         start = (2 * i + 1) * len(data) // (2 * n)

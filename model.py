@@ -2,7 +2,7 @@
 decoding caches.
 
 Reads top to bottom like nanoGPT's model.py: config, N-gram embedding, attention, MLP/MoE, block,
-GPT, decoding cache, then a collision analysis of the n-gram hash.
+GPT, decoding cache. The collision and parameter reports are experiments/ngram_report.py.
 
 - N-gram Embedding (LongCat-Flash-Lite, "Scaling Embeddings Outperforms Scaling Experts in Language
   Models", arXiv 2601.21204, Eq. 3): the token embedding is averaged with K hashed sub-table
@@ -14,14 +14,9 @@ GPT, decoding cache, then a collision analysis of the n-gram hash.
   training, and prefill + decode gives the logits of one full forward.
 - Optional mixture of experts FFN with top-k softmax routing and the Switch Transformer
   load-balancing loss; optional n-gram draft head (the paper proposes it as a nearly free drafter).
-
-    python model.py --collisions        # hash collisions on the default corpus (stdlib sources)
-    python model.py --params            # total and active parameters: dense vs MoE vs N-gram
 """
-import argparse
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +25,6 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 
 from attention import block_sparse_attention, decode_attention, select_blocks
-from data import stdlib_files
 
 
 # ------------------------------------------------------------------------------ config
@@ -121,18 +115,6 @@ def ngram_table_sizes(ratio, vocab, n_tables):
     return [int(ratio * vocab + 2 * c + 1) for c in range(n_tables)]
 
 
-# The paper's comparison at equal active parameters (README, `python model.py --params`): spend extra
-# total parameters on experts ("moe", "moe_wide") or on n-gram tables ("ngram", "ngram_moe");
-# "ngram" matches "moe" in total, "ngram_moe" matches "moe_wide". Overrides of GPTConfig's defaults.
-COMPARE = {
-    "dense": dict(ngram_n=0),
-    "moe": dict(ngram_n=0, n_experts=4, expert_topk=2, ffn_hidden=352),
-    "moe_wide": dict(ngram_n=0, n_experts=8, expert_topk=2, ffn_hidden=352),
-    "ngram_moe": dict(ngram_n=3, ngram_k=2, ngram_ratio=65.37, n_experts=4, expert_topk=2, ffn_hidden=352),
-    "ngram": dict(ngram_n=3, ngram_k=2, ngram_ratio=32.37),
-}
-
-
 # ------------------------------------------------------------------------------ n-gram embedding
 def doc_positions(cu_seqlens, B, T):
     """Position of every token inside its packed document: [B, T] long (0 at each document start)."""
@@ -166,6 +148,20 @@ def ngram_windows(idx, n, eos_id, context=None, doc_start=None):
     return torch.where(keep, x[:, src], 0)                             # (B, T, n)
 
 
+def ngram_powers(vocab, sizes, orders, n_max):
+    """V^j mod V_c for the look-back j < order of table c (0 beyond it): LongTensor [tables, n_max]."""
+    return torch.tensor([[pow(vocab, j, M) if j < n else 0 for j in range(n_max)]
+                         for M, n in zip(sizes, orders)])
+
+
+def ngram_hash(windows, powers, sizes):
+    """The paper's polynomial hash h_c = (t_i + t_{i-1} V + t_{i-2} V^2 + ...) mod V_c of look-back
+    windows [..., N] (t_i first, as ngram_windows gives them) for every table c: [..., tables].
+    Each term is reduced first, so nothing overflows int64 (V^j is pre-reduced in `powers`)."""
+    terms = (windows[..., None, :] * powers) % sizes[:, None]          # (..., tables, N), each < V_c
+    return terms.sum(-1) % sizes
+
+
 class NgramEmbedding(nn.Module):
     """Paper Eq. 3: e_i = (E0[t_i] + sum_{n,k} W_{n,k} E_{n,k}[h_{n,k}(t_{i-n+1..i})]) / (T+1).
 
@@ -184,10 +180,10 @@ class NgramEmbedding(nn.Module):
         self.wte = nn.Embedding(V, D)                                  # E0
         if T:
             sizes = config.ngram_sizes
-            order = [2 + c // config.ngram_k for c in range(T)]
-            powers = [[pow(V, j, M) if j < n else 0 for j in range(config.ngram_n)] for M, n in zip(sizes, order)]
+            orders = [2 + c // config.ngram_k for c in range(T)]
+            powers = ngram_powers(V, sizes, orders, config.ngram_n)
             self.register_buffer("sizes", torch.tensor(sizes), persistent=False)     # (T,)
-            self.register_buffer("powers", torch.tensor(powers), persistent=False)   # (T, N)
+            self.register_buffer("powers", powers, persistent=False)                 # (T, N)
             self.register_buffer("offsets", torch.tensor([0] + sizes[:-1]).cumsum(0), persistent=False)
             self.tables = nn.Embedding(sum(sizes), D // T)             # all E_{n,k}, stacked
             self.proj = nn.Linear(D, D, bias=False)                    # all W_{n,k}, side by side
@@ -203,8 +199,7 @@ class NgramEmbedding(nn.Module):
             return idx.new_zeros(B, T, 0)
         start = None if cu_seqlens is None else doc_positions(cu_seqlens, B, T).to(idx.device) == 0
         w = ngram_windows(idx, self.config.ngram_n, self.config.eos_id, context, start)  # (B, T, N)
-        terms = (w[:, :, None, :] * self.powers) % self.sizes[:, None]  # (B, T, Tab, N), each < V_c
-        return terms.sum(-1) % self.sizes                               # (B, T, Tab)
+        return ngram_hash(w, self.powers, self.sizes)                   # (B, T, Tab)
 
     def forward(self, idx, context=None, ids=None, cu_seqlens=None):
         """idx [B, T] -> embeddings [B, T, D]; `ids`: precomputed `hash_ids` (skips the hashing)."""
@@ -563,103 +558,3 @@ class KVCache:
         """The n ids before pos per row: [B, n], left-padded with 0 before the start."""
         ctx = self.tokens[:, max(0, self.pos - n):self.pos]
         return F.pad(ctx, (n - ctx.size(1), 0))
-
-
-# ------------------------------------------------------------------------------ collision analysis
-def stdlib_corpus(max_bytes=4_000_000):
-    """The default corpus (data.py) as a LongTensor of byte tokens: files in sorted path order,
-    each one followed by EOS (256), cut after max_bytes tokens."""
-    parts, total = [], 0
-    for path in stdlib_files():
-        with open(path, "rb") as fh:
-            data = torch.frombuffer(bytearray(fh.read()) + b"\0", dtype=torch.uint8).long()
-        data[-1] = 256                                                  # the appended EOS
-        parts.append(data)
-        total += len(data)
-        if total >= max_bytes:
-            break
-    return torch.cat(parts)[:max_bytes]
-
-
-def distinct_ngrams(tokens, n, vocab=257, eos_id=256):
-    """Exact codes sum_j t_{i-j} V^j (= the hash before the modulus) of the distinct n-grams the
-    embedding looks up in `tokens` [L] (same look-back rules; exact in int64 for n <= 7)."""
-    w = ngram_windows(tokens[None], n, eos_id)[0]                       # (L, n)
-    return torch.unique((w * vocab ** torch.arange(n)).sum(-1))
-
-
-def collided(codes, sizes):
-    """Per distinct n-gram: does it share its bucket with another n-gram in every table (sizes)?
-    And does another n-gram land in exactly the same buckets of all tables (indistinguishable)?"""
-    buckets = torch.stack([codes % M for M in sizes], dim=1)          # (n-grams, tables)
-    every = torch.ones_like(codes, dtype=torch.bool)
-    for b, M in zip(buckets.T, sizes):
-        every &= torch.bincount(b, minlength=M)[b] > 1
-    _, inv, cnt = torch.unique(buckets, dim=0, return_inverse=True, return_counts=True)
-    return every, cnt[inv] > 1
-
-
-def collision_report(max_bytes=4_000_000, vocab=257, multiples=(40, 400), ratios=(10.37, 40.37)):
-    """Print the paper's collision analysis: 2- and 3-gram collisions for table sizes M swept around
-    integer multiples of the vocabulary and around non-integer ratios (r + 0.37), then, for K = 1,
-    2, 4 tables of sizes m + 2c + 1, the share of n-grams that collide in all K tables at once."""
-    t0 = time.time()
-    tokens = stdlib_corpus(max_bytes)
-    codes = {n: distinct_ngrams(tokens, n, vocab) for n in (2, 3)}
-    print(f"corpus: {len(tokens):,} tokens of stdlib sources; distinct 2-grams {len(codes[2]):,}, "
-          f"3-grams {len(codes[3]):,}")
-    print("share of distinct n-grams sharing their bucket (uniform = what a random hash would give)")
-    print(f"{'rows M':>8} {'M/V':>8} {'2-gram':>8} {'uniform':>8} {'3-gram':>8} {'uniform':>8}")
-    for r in multiples:
-        sizes = [r * vocab + d for d in (-16, -2, -1, 0, 1, 2, 16)]
-        sizes += [round((r + 0.37) * vocab) + d for d in (-1, 0, 1)]
-        for M in sizes:
-            row = [f"{M:>8} {M / vocab:>8.3f}"]
-            for n in (2, 3):
-                row.append(f"{collided(codes[n], [M])[0].float().mean():>8.2%}")
-                row.append(f"{1 - (1 - 1 / M) ** (len(codes[n]) - 1):>8.2%}")
-            print(" ".join(row))
-        print()
-    print("K tables per order, sizes int(ratio V + 2c + 1) (N = 3 layout): share of n-grams whose bucket is shared")
-    print("in all K tables (all-K), and share with another n-gram in exactly the same K buckets (same)")
-    print(f"{'ratio':>7} {'m':>6} {'K':>3} {'2g all-K':>9} {'2g same':>8} {'3g all-K':>9} {'3g same':>8}")
-    for ratio in ratios:
-        m = int(ratio * vocab)
-        for K in (1, 2, 4):
-            row = [f"{ratio:>7} {m:>6} {K:>3}"]
-            sizes = ngram_table_sizes(ratio, vocab, 2 * K)             # N = 3: orders 2 and 3
-            for n in (2, 3):
-                every, same = collided(codes[n], sizes[(n - 2) * K:(n - 1) * K])
-                row.append(f"{every.float().mean():>9.2%} {same.float().mean():>8.2%}")
-            print(" ".join(row))
-    print(f"({time.time() - t0:.1f} s)")
-
-
-def params_report():
-    """Total and per-token active parameters of the COMPARE configurations."""
-    print(f"{'config':>10} {'total':>12} {'active':>12} {'n-gram tables':>14}")
-    for name, kw in COMPARE.items():
-        model = GPT(GPTConfig(**kw))
-        tables = model.embed.tables.weight.numel() if model.config.n_tables else 0
-        print(f"{name:>10} {model.num_params():>12,} {model.num_params(active=True):>12,} "
-              f"{tables / model.num_params():>14.1%}")
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--collisions", action="store_true",
-                    help="n-gram hash collisions near integer multiples of the vocabulary, and with K tables")
-    ap.add_argument("--max-bytes", type=int, default=4_000_000,
-                    help="corpus bytes for --collisions (default 4,000,000, under a minute; the stdlib has ~12 MB)")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[10.37, 40.37],
-                    help="sub-table ratios for the all-K collision table")
-    ap.add_argument("--params", action="store_true", help="parameter counts of the COMPARE configs")
-    args = ap.parse_args()
-    if args.max_bytes < 1 or min(args.ratios) <= 0:
-        ap.error("--max-bytes must be >= 1 and every --ratios value > 0")
-    if args.collisions:
-        collision_report(args.max_bytes, ratios=args.ratios)
-    if args.params:
-        params_report()
-    if not (args.collisions or args.params):
-        ap.print_help()

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from balance import BALANCE, Balancer, CostModel
 from batching import padded
-from data import EOS, draw_mix, passkey_sample, stdlib_files, stdlib_root
+from data import chunk, draw_mix, load_documents, passkey_sample
 from infer import generate
 from model import GPT, GPTConfig
 
@@ -242,68 +242,7 @@ def build_config(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# Data: documents -> samples (chunks) -> microbatches (rows packed with documents)
-
-def text_files(root, note=print):
-    """Every regular file under a --data directory, in sorted order, hidden files and folders
-    skipped. Only regular files: opening a FIFO (or socket, device) would block or fail. `note`
-    reports how many entries were skipped for that."""
-    paths, skipped = [], 0
-    for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        found = [os.path.join(d, f) for f in sorted(files) if not f.startswith(".")]
-        regular = [f for f in found if os.path.isfile(f)]  # regular files, or links to them
-        paths, skipped = paths + regular, skipped + len(found) - len(regular)
-    if skipped:
-        note(f"--data {root}: skipped {skipped} entries that are not regular files (FIFOs, sockets, devices)")
-    return paths
-
-
-def load_documents(path, val_frac, max_seq_len, note=print):
-    """Read the corpus and split it by a hash of each document's name, which is stable across
-    machines and Python versions (unlike positions or `hash()`). -> (train, val): lists of 1-D uint16
-    arrays ending in EOS."""
-    named = []  # (name, array)
-    if path is not None and os.path.exists(path) and not (os.path.isdir(path) or os.path.isfile(path)):
-        raise ValueError(f"--data {path}: not a regular file or directory (a FIFO, socket or device?)")
-    if path is None or os.path.isdir(path):
-        root = path or stdlib_root()
-        for f in stdlib_files() if path is None else text_files(path, note):
-            with open(f, "rb") as fh:
-                b = fh.read()
-            if b and b"\0" not in b[:4096]:  # skip empty and binary files
-                named.append((os.path.relpath(f, root), np.frombuffer(b, np.uint8)))
-        named = [(n, np.append(a.astype(np.uint16), EOS)) for n, a in named]
-    elif os.path.isfile(path):
-        if path.endswith(".bin"):  # nanoGPT-style uint16 tokens; documents end at EOS if it occurs
-            if os.path.getsize(path) % 2:
-                raise ValueError(f"--data {path}: {os.path.getsize(path)} bytes, an odd count, so not "
-                                 "uint16 tokens (truncated?); write 2 bytes per token")
-            toks = np.fromfile(path, dtype=np.uint16)
-            ends = np.flatnonzero(toks == EOS) + 1
-            parts = np.split(toks, ends) if len(ends) else np.array_split(toks, max(1, len(toks) // max_seq_len))
-        else:  # one text file: a stream cut into max_seq_len pieces, so that a split exists
-            b = np.frombuffer(open(path, "rb").read(), np.uint8).astype(np.uint16)
-            parts = [np.append(b[i:i + max_seq_len], EOS) for i in range(0, len(b), max_seq_len)]
-        named = [(str(i), a) for i, a in enumerate(parts) if len(a) >= 2]
-    else:
-        raise FileNotFoundError(f"--data {path}: no such file or directory")
-    if not named:
-        raise FileNotFoundError(f"--data {path or root}: no (non-empty, text) documents found")
-    if max(int(a.max()) for _, a in named) > EOS:
-        raise ValueError(f"--data {path}: token ids above {EOS}; this model has a byte vocabulary")
-    val = [a for n, a in named if zlib.crc32(n.encode()) % 10_000 < val_frac * 10_000]
-    train = [a for n, a in named if zlib.crc32(n.encode()) % 10_000 >= val_frac * 10_000]
-    if not val or not train:  # tiny corpora: hold out the last document, or share the only one
-        train, val = ([a for _, a in named[:-1]], [named[-1][1]]) if len(named) > 1 else ([named[0][1]],) * 2
-    return train, val
-
-
-def chunk(docs, max_seq_len):
-    """Cut documents into samples of at most max_seq_len + 1 tokens (inputs and shifted targets);
-    consecutive chunks overlap by one token so every token is predicted exactly once."""
-    return [d[i:i + max_seq_len + 1] for d in docs for i in range(0, len(d) - 1, max_seq_len)]
-
+# Data: samples (data.chunk) -> microbatches (rows packed with documents)
 
 def make_microbatch(samples, block, device):
     """Pack samples into one row [1, T]: each sample padded to a multiple of `block` (padding masked

@@ -322,10 +322,10 @@ def cmd_learn(a):
 
 
 def simulate_row(anchor, p, steps):
-    """balance.py --simulate at (anchor, p): the '+ SAB + DST' row of mix (a) -> (speedup, mean
+    """experiments/simulate.py at (anchor, p): the '+ SAB + DST' row of mix (a) -> (speedup, mean
     budget, mean coverage). Simulated: analytic cost model of a 3B-like layer, no model runs."""
-    cmd = [sys.executable, os.path.join(ROOT, "balance.py"), "--simulate", "--anchor", anchor, "--p", str(p),
-           "--steps", str(steps), "--bench-repeats", "1"]
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "simulate.py"), "--anchor", anchor, "--p", str(p),
+           "--steps", str(steps), "--bench-repeats", "1", "--mixes", "bimodal"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     table = r.stdout.split("(b) ")[0]
     row = next(line for line in table.splitlines() if line.startswith("| + SAB + DST"))
@@ -347,7 +347,7 @@ def cmd_anchors(a):
     rows = [(anchor, p, *res[anchor, p]) for anchor, p in grid]
     print(f"\nAnchor x p. MEASURED (train.py, preset {a.preset}, {a.steps} steps, {a.nproc} ranks, seed "
           f"{seed}): final val bpb, needle free running at T={T} and k={k0} (teacher forced), mean used "
-          f"budget, median critical path (CPU s/step). SIMULATED (balance.py --simulate --steps "
+          f"budget, median critical path (CPU s/step). SIMULATED (experiments/simulate.py --steps "
           f"{a.sim_steps}, mix (a), '+ SAB + DST' row: analytic 3B-like layer, 1F1B, no model runs): "
           "speedup over the baseline, mean budget (k0 32), mean coverage.")
     print("| anchor | p | measured: val bpb | needle T | mean budget | critical s | "
@@ -458,7 +458,7 @@ def main(argv=None):
     ap.add_argument("--p", type=float, default=0.1, help="DST threshold of the sabdst arm and of k=dst")
     ap.add_argument("--anchors", nargs="+", default=["mean", "min", "max"])
     ap.add_argument("--ps", type=float, nargs="+", default=[0.1, 0.2, 0.3])
-    ap.add_argument("--sim-steps", type=int, default=100, help="anchors: balance.py --simulate --steps")
+    ap.add_argument("--sim-steps", type=int, default=100, help="anchors: experiments/simulate.py --steps")
     ap.add_argument("--needle-docs", type=int, default=16, help="documents per needle cell")
     ap.add_argument("--data", default=None, help="train.py --data (default: the stdlib corpus)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (train.py --device)")

@@ -1,4 +1,4 @@
-"""balance.py: cost model, DST (tune_budgets) and the 1F1B simulator, against hand-computed or
+"""balance.py: cost model, DST (tune_budgets) and the Balancer, against hand-computed or
 brute-force references."""
 import json
 import random
@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import balance
-from balance import (Balancer, CostModel, OnlineCorrection, simulate, synthetic_coverage,
-                     tune_budgets, visited_blocks)
+from balance import Balancer, CostModel, OnlineCorrection, tune_budgets, visited_blocks
 from batching import check_plan, plan_batches
 
 
@@ -137,17 +136,6 @@ def test_packed_microbatch_pays_fixed_costs_once():
     assert cm.predict_microbatch([], []) == 0.0
     with pytest.raises(ValueError, match="one budget per length"):
         cm.predict_microbatch([100, 200], [1])
-
-
-def test_synthetic_curves_and_their_floors():
-    rng = random.Random(0)
-    curves = [synthetic_coverage(rng.randint(1, 40), rng.uniform(0.3, 2.0)) for _ in range(50)]
-    for c in curves:
-        assert all(a <= b + 1e-12 for a, b in zip(c, c[1:])) and c[-1] == pytest.approx(1)
-    k0, p = 6, 0.2
-    for c, f in zip(curves, balance._floors(curves, k0, p)):
-        want = next(k for k in range(1, len(c) + 1) if c[k - 1] >= (1 - p) * c[min(k0, len(c)) - 1] - 1e-6)
-        assert f == want
 
 
 def dst_case(seed, world=4, m=2, n=24, block=64):
@@ -298,57 +286,6 @@ def test_balancer_plan_is_pure_and_observe_moves_the_estimates():
     none = Balancer(cm, 4, "none", k0=8)
     step = none.plan([100, 5000, 20000])
     assert step.targets == [2, 8, 8] and none.layer_args() == {}
-
-
-@pytest.mark.parametrize("anchor", ["max", "mean"])
-def test_dst_growth_never_lengthens_the_pipeline(anchor):
-    """On the same plan, DST's targets never make the 1F1B step (DP 2 x PP 4) slower than k0:
-    with the MAX anchor nobody shrinks, and growth stops at the slowest pipeline's time."""
-    cm = CostModel.analytic(block_size=256, n_embd=2048, n_head=16, mlp_ratio=8)
-    rng = random.Random(0)
-    for _ in range(20):
-        lengths = balance.synthetic_lengths("bimodal", 16, rng)
-        plan = plan_batches(lengths, 2, 8, "sab", cost=lambda x: cm.predict(x, 32), capacity=65536,
-                            block_size=256, pipeline_stages=4)
-        step = lambda ks: simulate([[cm.predict_microbatch([lengths[i] for i in m], [ks[i] for i in m])  # noqa: E731
-                                     for m in rank] for rank in plan], pp=4).step_time
-        res = tune_budgets(plan, lengths, cm, anchor, 32, unit="microbatch", pipeline_stages=4)
-        assert step(res.budgets) <= step([32] * 16) * (1 + 1e-9)
-
-
-def test_simulate_hand_computed_1f1b():
-    # pp = 2, fwd 1/3: mb0 f .5 b 1, mb1 f 1 b 2. Stage 0: F0 F1 B0 B1, stage 1: F0 B0 F1 B1.
-    # S0F0 0-.5, S1F0 .5-1, S0F1 .5-1.5, S1B0 1-2, S0B0 2-3, S1F1 2-3, S1B1 3-5, S0B1 5-7.
-    sim = simulate([[3.0, 6.0], [1.0, 1.0]], pp=2)
-    assert sim.rank_times[0] == pytest.approx(7.0)
-    assert sim.step_time == pytest.approx(7.0)
-    assert sim.imbalance == pytest.approx(9.0 / 5.5)
-    assert sim.micro_imbalance == pytest.approx(6.0 / 2.75)
-    assert sim.bubble == pytest.approx(1 - 11.0 / (7.0 * 2 * 2))
-
-
-@pytest.mark.parametrize("pp,m", [(1, 3), (2, 5), (4, 8), (4, 2)])
-def test_simulate_uniform_matches_formula(pp, m):
-    # uniform microbatches: (M + P - 1) stage slots of (f + b) = lat / P, the classic 1F1B time
-    sim = simulate([[1.2] * m], pp=pp)
-    assert sim.step_time == pytest.approx((m + pp - 1) * 1.2 / pp)
-    assert sim.bubble == pytest.approx((pp - 1) / (m + pp - 1))
-
-
-def test_simulate_dp_only_is_sum_and_empty_microbatches_are_free():
-    sim = simulate([[1.0, 2.0, 0.0], [0.5, 0.0, 0.0]], pp=1)
-    assert sim.rank_times == [3.0, 0.5] and sim.step_time == 3.0
-    with pytest.raises(ValueError):
-        simulate([[1.0], [1.0, 2.0]])
-
-
-@pytest.mark.parametrize("extra", [[], ["--order", "1f1b", "--anchor", "max"]])
-def test_simulate_cli_prints_tables(capsys, extra):
-    balance.main(["--simulate", "--steps", "2", "--bench-repeats", "2", *extra])
-    out = capsys.readouterr().out
-    assert out.count("| + SAB + DST |") == 3 and "SIMULATED" in out and "SYNTHETIC" in out
-    assert "1024 sequences on 64 ranks" in out and "same objective" in out
-    assert ("order 1f1b" in out) == bool(extra)
 
 
 @pytest.mark.parametrize("kw", [dict(n_embd=float("nan")), dict(attn_flops=-1.0), dict(n_head=0),

@@ -385,16 +385,6 @@ def test_checkpoint_roundtrip(tmp_path):
         GPT.from_checkpoint(str(tmp_path / "missing.pt"))
 
 
-def test_collision_counting():
-    tokens = torch.tensor([1, 2, 256, 1, 2, 3])                     # 2-grams (t_i, t_{i-1}), EOS resets
-    want = {1 + 0 * 257, 2 + 1 * 257, 256 + 2 * 257, 3 + 2 * 257}
-    assert set(M.distinct_ngrams(tokens, 2).tolist()) == want
-    every, same = M.collided(torch.tensor([0, 5, 10, 3]), [5])     # buckets 0, 0, 0, 3
-    assert every.tolist() == [True, True, True, False] and same.tolist() == every.tolist()
-    every, same = M.collided(torch.tensor([0, 5, 10, 3]), [5, 7])  # mod 7: 0, 5, 3, 3
-    assert every.tolist() == [False, False, True, False] and not same.any()
-
-
 def test_embedding_amplification():
     """ngram_amp (paper: the embedding output amplified, about -0.02 loss): sqrt_d multiplies the
     plain output by sqrt(D); layernorm normalises every token's vector."""

@@ -6,12 +6,15 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import ngram_infer_cost as cost  # noqa: E402
+import ngram_report as report  # noqa: E402
 import ngram_sweep as sweep  # noqa: E402
+from model import GPT, GPTConfig, ngram_windows  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -97,3 +100,36 @@ def test_sweep_runs_a_tiny_case_end_to_end(tmp_path, capsys):
     again = sweep.main(argv)["sweep"]                                 # cached: nothing is trained
     assert len(open(out / "results.jsonl").readlines()) == 4
     assert [r["mean"] for r in again] == [r["mean"] for r in rows]
+
+
+def test_collision_counting():
+    tokens = torch.tensor([1, 2, 256, 1, 2, 3])                     # 2-grams (t_i, t_{i-1}), EOS resets
+    grams = report.distinct_ngrams(tokens, 2)
+    assert {tuple(g) for g in grams.tolist()} == {(1, 0), (2, 1), (256, 2), (3, 2)}
+    rows = report.buckets(grams, [5, 7])                            # (t_i + 257 t_{i-1}) mod M, by hand
+    want = [[(a + 257 * b) % M for M in (5, 7)] for a, b in grams.tolist()]
+    assert rows.tolist() == want
+    every, same = report.collided(torch.tensor([[0], [5 % 5], [10 % 5], [3]]), [5])  # buckets 0, 0, 0, 3
+    assert every.tolist() == [True, True, True, False] and same.tolist() == every.tolist()
+    every, same = report.collided(torch.tensor([[0, 0], [0, 5], [0, 3], [3, 3]]), [5, 7])
+    assert every.tolist() == [False, False, True, False] and not same.any()
+
+
+def test_report_buckets_are_the_models_hash():
+    """The report hashes with the model's own function: the bucket of every window equals the row
+    NgramEmbedding.hash_ids gives that position (for the order's first table)."""
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, ngram_n=3, ngram_k=2, ngram_ratio=3.37)
+    emb = GPT(cfg).embed
+    idx = torch.randint(0, 257, (1, 64), generator=torch.Generator().manual_seed(0))
+    ids = emb.hash_ids(idx)[0]                                      # (T, tables)
+    for n in (2, 3):
+        w = ngram_windows(idx, n, cfg.eos_id)[0]
+        sizes = cfg.ngram_sizes[(n - 2) * 2:(n - 1) * 2]
+        assert torch.equal(report.buckets(w, sizes), ids[:, (n - 2) * 2:(n - 1) * 2])
+
+
+def test_reports_run(capsys):
+    report.main(["--collisions", "--max-bytes", "20000", "--ratios", "3.37"])
+    report.main(["--params"])
+    out = capsys.readouterr().out
+    assert "distinct 2-grams" in out and "ngram_moe" in out

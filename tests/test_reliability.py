@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import train
+from data import load_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--max-seq-len", "128", "--attn-block", "32",
@@ -240,19 +241,19 @@ def test_fifo_in_data_folder_is_skipped_and_counted(data, tmp_path):
     d = tmp_path / "d"
     shutil.copytree(data, d)
     os.mkfifo(d / "pipe.py")
-    code = f"import train; tr, va = train.load_documents({str(d)!r}, 0.2, 128); print(len(tr) + len(va))"
+    code = f"import data; tr, va = data.load_documents({str(d)!r}, 0.2, 128); print(len(tr) + len(va))"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.split()[-1] == str(len(os.listdir(data))), r.stderr
     assert "skipped 1 entries that are not regular files" in r.stdout
     with pytest.raises(ValueError, match="not a regular file or directory"):
-        train.load_documents(str(d / "pipe.py"), 0.2, 128)
+        load_documents(str(d / "pipe.py"), 0.2, 128)
 
 
 def test_odd_sized_token_file_is_refused(tmp_path):
     path = tmp_path / "tokens.bin"
     path.write_bytes(np.arange(1000, dtype=np.uint16).tobytes() + b"\x01")
     with pytest.raises(ValueError, match="odd count"):
-        train.load_documents(str(path), 0.1, 128)
+        load_documents(str(path), 0.1, 128)
 
 
 def test_out_is_locked_while_a_run_lives(done, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import train
+from data import EOS, chunk, load_documents
 from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,8 +57,8 @@ def sha(path):
 
 def test_chunks_predict_every_token_once_and_microbatch_layout():
     rng = np.random.default_rng(0)
-    doc = np.append(rng.integers(0, 256, 1000), train.EOS).astype(np.uint16)
-    chunks = train.chunk([doc], 256)
+    doc = np.append(rng.integers(0, 256, 1000), EOS).astype(np.uint16)
+    chunks = chunk([doc], 256)
     assert max(len(c) for c in chunks) == 257
     targets = np.concatenate([c[1:] for c in chunks])  # each token after the first, exactly once
     assert np.array_equal(targets, doc[1:])
@@ -74,11 +75,11 @@ def test_chunks_predict_every_token_once_and_microbatch_layout():
 
 
 def test_default_corpus_split_is_deterministic_and_disjoint():
-    tr, va = train.load_documents(None, 0.1, 512)
-    tr2, va2 = train.load_documents(None, 0.1, 512)
+    tr, va = load_documents(None, 0.1, 512)
+    tr2, va2 = load_documents(None, 0.1, 512)
     assert all(map(np.array_equal, tr + va, tr2 + va2)) and len(tr) == len(tr2) and len(va) == len(va2)
     assert len(tr) > 200 and 0.03 < len(va) / (len(tr) + len(va)) < 0.2
-    assert all(d[-1] == train.EOS and d[:-1].max() < 256 for d in tr[:50])
+    assert all(d[-1] == EOS and d[:-1].max() < 256 for d in tr[:50])
     # no validation file is also in training (files whose text occurs twice in the library aside)
     from collections import Counter
     count = Counter(bytes(d.astype(np.uint8)) for d in tr + va)
@@ -91,7 +92,7 @@ def test_passkey_answer_positions():
     rng = np.random.default_rng(1)
     filler = np.frombuffer(b"def f(x):\n    return x\n", np.uint8).astype(np.uint16)
     toks, pos = train.passkey_sample(rng, filler, 300)
-    assert len(toks) == 301 and toks[-1] == train.EOS
+    assert len(toks) == 301 and toks[-1] == EOS
     text = bytes(toks[:-1].astype(np.uint8)).decode()
     key = text.rsplit(" ", 1)[1]
     assert len(key) == 5 and f"The passkey is {key}. Remember" in text
