@@ -223,9 +223,9 @@ def build_config(args):
         raise ValueError(f"--passkey-frac needs max_seq_len >= {shortest} (a passkey document's "
                          "shortest length): raise --max-seq-len or pass --passkey-frac 0")
     if args.variant:
-        # model.py's COMPARE at any width: a dense SwiGLU FFN of hidden h; 4 experts of hidden h/2
-        # routed top-2 = the same active parameters; N-gram tables holding the MoE's extra
-        # parameters = the same total. Total parameters are linear in the table ratio: solve for it.
+        # The COMPARE of experiments/ngram_report.py at any width: a dense SwiGLU FFN of hidden h;
+        # 4 experts of hidden h/2 routed top-2 = the same active parameters; N-gram tables holding
+        # the MoE's extra parameters = the same total. Total parameters are linear in the table ratio: solve for it.
         h = GPTConfig(**dict(kw, ffn_hidden=0)).hidden
         moe = dict(ngram_n=0, n_experts=4, expert_topk=2, ffn_hidden=h // 2)
         kw.update(dict(dense=dict(ngram_n=0, n_experts=0), moe=moe, ngram=dict(n_experts=0, ngram_n=3, ngram_k=2))[args.variant])
@@ -234,7 +234,7 @@ def build_config(args):
             n1, n2 = (GPT(GPTConfig(**dict(kw, ngram_ratio=r))).num_params() for r in (1.0, 2.0))
             ratio = round(1.0 + (target - n1) / (n2 - n1), 2)
             # Table sizes near an integer multiple of the vocabulary collide badly (the paper; see
-            # `python model.py --collisions`): step off by a few percent of V rows if it lands there.
+            # `python experiments/ngram_report.py --collisions`): step off by a few percent of V rows if it lands there.
             kw["ngram_ratio"] = round(ratio + 0.17, 2) if abs(ratio - round(ratio)) < 0.1 else ratio
             if kw["ngram_ratio"] <= 1:
                 raise ValueError("--variant ngram: the MoE adds too few parameters for n-gram tables")

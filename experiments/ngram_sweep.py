@@ -65,7 +65,7 @@ def counts(kw):
 
 def off_integer(ratio, margin=0.1, step=0.37):
     """Table sizes near an integer multiple of the vocabulary collide badly (the paper; `python
-    model.py --collisions`): move a ratio that lands within `margin` of an integer by `step`."""
+    experiments/ngram_report.py --collisions`): move a ratio that lands within `margin` of an integer by `step`."""
     return round(ratio + step, 2) if abs(ratio - round(ratio)) < margin else round(ratio, 2)
 
 
