@@ -291,6 +291,15 @@ def coverage_floor(cov, k0, p):
     return (cov < target - 1e-6).sum(1) + 1
 
 
+def visited_blocks(n_blocks, topk):
+    """(query token's block, key block) pairs of a causal document of n_blocks blocks at budget
+    topk, counted per query block: block i sees i + 1 blocks and visits min(topk, i + 1). The sum
+    is k(k+1)/2 + (n-k)k for k < n, n(n+1)/2 (dense causal) for k >= n or None. The work of
+    every kernel here, and so of the cost model (balance.py), is proportional to it."""
+    k = n_blocks if topk is None else min(int(topk), n_blocks)
+    return k * (k + 1) // 2 + (n_blocks - k) * k
+
+
 def routing_coverage(q, k, cu_seqlens=None, block_size=64):
     """Routing coverage curves [S, NQ] (C(k) at index k - 1), from the same scores as the gate."""
     return select_blocks(q, k, 1, cu_seqlens, block_size, coverage=True).coverage
@@ -662,18 +671,24 @@ def decode_attention(q, k, v, k_means, pos, topk, block_size):
 
 # ------------------------------------------------------------------------------ benchmark, check
 def budget_for_density(nq, density):
-    """Smallest budget whose attended (token, block) pairs reach `density` of dense causal's."""
-    pairs = lambda kb: kb * nq - kb * (kb - 1) // 2                         # noqa: E731
-    return next(kb for kb in range(1, nq + 1) if pairs(kb) >= density * pairs(nq))
+    """Smallest budget whose visited blocks reach `density` of dense causal's."""
+    return next(kb for kb in range(1, nq + 1) if visited_blocks(nq, kb) >= density * visited_blocks(nq, nq))
 
 
-def timed(fns, reps, cuda=False):
-    """Best-of-`reps` (wall ms, CPU ms) of each function, calling them in turn so that they share
-    the same machine load. CPU ms is this process's CPU time (all its threads): unlike wall time
-    on a shared machine it does not grow when other jobs take the cores. On CUDA: event timing
-    after one warm-up call each (which also compiles the kernels), and CPU ms is None."""
+def timed(fns, reps, cuda=False, warmup=None, desc=None):
+    """The project's timing harness: best-of-`reps` (wall ms, CPU ms) of each function after
+    `warmup` untimed calls each (default: 1 on CUDA, which also compiles the kernels, 0 on CPU).
+    The functions are called in turn, so a change of load on a shared machine hits them alike.
+    CPU ms is this process's CPU time (all its threads): unlike wall time on a shared machine it
+    does not grow when other jobs take the cores. On CUDA: event timing, and CPU ms is None.
+    desc: a tqdm bar over the repeats."""
+    warmup = int(cuda) if warmup is None else warmup
     times = [[] for _ in fns]
-    for rep in range(reps + cuda):
+    rounds = range(warmup + reps)
+    if desc:
+        from tqdm import tqdm
+        rounds = tqdm(rounds, desc=desc)
+    for rep in rounds:
         for fn, t in zip(fns, times):
             if cuda:
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
@@ -681,12 +696,13 @@ def timed(fns, reps, cuda=False):
                 fn()
                 end.record()
                 torch.cuda.synchronize()
-                t.append((start.elapsed_time(end), None) if rep else (float("inf"), None))
+                t.append((start.elapsed_time(end), None))
             else:
                 w0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 t.append((1e3 * (time.perf_counter() - w0), 1e3 * (time.process_time() - c0)))
-    return [(min(w for w, _ in t), None if cuda else min(c for _, c in t)) for t in times]
+    return [(min(w for w, _ in t[warmup:]), None if cuda else min(c for _, c in t[warmup:]))
+            for t in times]
 
 
 def _fwd_bwd(attend, q, k, v, g):

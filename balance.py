@@ -51,21 +51,16 @@ import os
 import sys
 import time
 
-from batching import SABState, check_plan, padded, plan_batches
+from attention import timed, visited_blocks
+from batching import SABState, check_plan, n_blocks, padded, plan_batches
 
-ANCHORS = ("mean", "min", "max")
+# DST's anchor A: the load every unit is tuned to, from the units' loads at k0 (paper: MEAN is the
+# best trade-off; MIN over-compresses; MAX gives almost no speedup). A new anchor is one entry here.
+ANCHORS = {"mean": lambda loads: sum(loads) / len(loads), "min": min, "max": max}
 UNITS = ("rank", "microbatch")
 
 
 # ----------------------------------------------------------------------------- cost model
-
-def visited_blocks(n_blocks, topk):
-    """Key blocks visited by all query blocks of a causal document of n_blocks blocks at budget
-    topk: query block i can see i + 1 blocks, so it visits min(topk, i + 1); the sum is
-    k(k+1)/2 + (n-k)k for k < n and n(n+1)/2 (dense causal) for k >= n (as attention.py)."""
-    k = n_blocks if topk is None else min(int(topk), n_blocks)
-    return k * (k + 1) // 2 + (n_blocks - k) * k
-
 
 class CostModel:
     """One transformer layer's forward+backward seconds for a sequence of length L at budget k.
@@ -173,18 +168,8 @@ class CostModel:
         head_dim = n_embd // n_head
         gen = torch.Generator(device="cpu").manual_seed(0)
 
-        def timeit(fn):
-            times = []
-            for r in range(repeats + 1):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if r:  # the first run is a warm-up (allocation, kernel compilation)
-                    times.append(time.perf_counter() - t)
-            return min(times)
+        def timeit(fn):  # seconds: best of `repeats` after one warm-up (allocation, compilation)
+            return timed([fn], repeats, device.type == "cuda", warmup=1)[0][0] / 1e3
 
         lin = torch.nn.Sequential()  # a stand-in for the layer's matmuls, not a model
         lin.qkv = torch.nn.Linear(n_embd, 3 * n_embd)
@@ -213,15 +198,15 @@ class CostModel:
             bar.update(1)
             q, k, v = (torch.randn(1, n_head, length, head_dim, generator=gen)
                        .to(device, dtype).requires_grad_() for _ in range(3))
-            n_blocks, row, dense = length // block_size, [], None
+            nb, row, dense = length // block_size, [], None
             for budget in budgets:
-                if budget >= n_blocks and dense is not None:
+                if budget >= nb and dense is not None:
                     row.append(dense)
                 else:
                     t = timeit(lambda: attn_fn(q, k, v, budget, block_size=block_size, impl=impl)
                                .float().sum().backward())
                     row.append(t)
-                    if budget >= n_blocks:
+                    if budget >= nb:
                         dense = t
                 bar.update(1)
             # More blocks never cost less: a running maximum over budgets removes timing noise
@@ -265,7 +250,7 @@ class CostModel:
         (topk None = dense), without the row's fixed cost. The length-dependent part is computed
         once and cached (SAB and DST ask for the same lengths each step)."""
         b = self.block_size
-        n = -(-int(seq_len) // b)
+        n = n_blocks(seq_len, b)
         f = self._curves.get(n)
         if f is None:
             if len(self._curves) > 100_000:  # a bound on memory for endless streams of lengths
@@ -283,9 +268,8 @@ class CostModel:
             linear = 6.0 * tokens * (4 + 2 * q["mlp_ratio"]) * q["n_embd"] ** 2
             fixed = n * (n + 1) * hd_h / q["attn_flops"] + linear / q["linear_flops"]
 
-            def f(topk):  # visited_blocks inlined: DST calls this thousands of times per step
-                k = n if topk is None or topk >= n else topk
-                return fixed + per_block * (k * (k + 1) // 2 + (n - k) * k)
+            def f(topk):
+                return fixed + per_block * visited_blocks(n, topk)
             return f
         # Attention seconds at the grid budgets below n (rate per visited block, interpolated in
         # log-length, times the visited blocks), then dense at k = n. A running maximum makes them
@@ -308,7 +292,7 @@ class CostModel:
         def f(topk):
             if topk is None or topk >= n:  # dense causal, however it is asked for
                 return lin + ts[-1]
-            v = topk * (topk + 1) // 2 + (n - topk) * topk              # visited_blocks(n, topk)
+            v = visited_blocks(n, topk)
             if v <= vs[0]:  # below the grid: the first grid time scaled by the work
                 return lin + ts[0] * v / vs[0]
             j = bisect.bisect_left(vs, v) - 1                            # vs[j] < v <= vs[j + 1]
@@ -449,7 +433,7 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k
     lengths = list(lengths)
     S = len(lengths)
     if anchor not in ANCHORS:
-        raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
+        raise ValueError(f"anchor must be one of {', '.join(ANCHORS)}, got {anchor!r}")
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     if not (isinstance(k0, int) and not isinstance(k0, bool) and k0 >= 1):
@@ -468,7 +452,7 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k
             math.isfinite(x) and x > 0 for x in rank_scale)):
         raise ValueError(f"rank_scale needs one finite factor > 0 per rank ({len(plan)})")
     check_plan(plan, S)
-    blocks = [-(-x // b) for x in lengths]
+    blocks = [n_blocks(x, b) for x in lengths]
     doc = {x: cost_model.curve(x) for x in set(lengths)}
 
     if unit == "rank":
@@ -498,9 +482,8 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k
     base = [k0 * len(o) for o in order]                      # level t of "every sample at k0"
     # (1) predict every unit's load at the default budget k0
     loads_k0 = [load(j, base[j]) for j in range(len(units))]
-    # (2) the anchor: mean | min | max of those loads
-    A = {"mean": sum(loads_k0) / len(loads_k0), "min": min(loads_k0),
-         "max": max(loads_k0)}[anchor] if units else 0.0
+    # (2) the anchor: mean | min | max of those loads (ANCHORS)
+    A = ANCHORS[anchor](loads_k0) if units else 0.0
     limit = A * (1 + 1e-12)  # the anchor unit itself must count as "at the anchor" despite rounding
     level, shortfalls = list(base), []
     # (3) stragglers shrink: the largest level below k0's whose load meets the anchor (quality is
@@ -662,7 +645,7 @@ class Balancer:
         b = self.cost.block_size
         plan = plan_batches(lengths, self.world, self.micro, self.policy,
                             cost=self.sab.cost_fn(self.cost), capacity=self.capacity, block_size=b)
-        at_k0 = [min(self.k0, -(-x // b)) for x in lengths]
+        at_k0 = [min(self.k0, n_blocks(x, b)) for x in lengths]
         scale = self.corr.factors if self.correction else None
         res = tune_budgets(plan, lengths, self.cost, self.anchor, self.k0, "rank",
                            rank_scale=scale, tolerance=self.tolerance) if self.dst else None

@@ -60,9 +60,15 @@ def lbb_cost(length):
     return float(length) * float(length)
 
 
+def n_blocks(length, block_size):
+    """Attention blocks a document of `length` tokens occupies (rounded up: documents start on
+    block boundaries, so the last block may be partly padding)."""
+    return -(-int(length) // block_size)
+
+
 def padded(length, block_size):
     """Tokens a document occupies in a packed row: rounded up to a multiple of block_size."""
-    return -(-length // block_size) * block_size
+    return n_blocks(length, block_size) * block_size
 
 
 class _NoFit(Exception):
@@ -317,7 +323,7 @@ class SABState:
         self.ema = {}  # bucket -> EMA of budgets (blocks)
 
     def bucket(self, length):
-        blocks = -(-int(length) // self.block_size)
+        blocks = n_blocks(length, self.block_size)
         return max(0, (blocks - 1).bit_length())  # ceil(log2(blocks))
 
     def update(self, lengths, budgets):

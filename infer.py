@@ -28,9 +28,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from data import corpus_tokens
+from attention import timed
+from data import EOS, corpus_tokens
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -507,20 +507,20 @@ def bench(target, draft, prompts, max_new_tokens, gammas=(2, 4, 6), temperature=
         for gamma in gammas:
             methods.append((f"{name}, gamma {gamma}", lambda i, g, d=d, gamma=gamma: speculative_generate(
                 target, d, i, max_new_tokens, gamma=gamma, generator=g, **kw)))
-    # Repeats are interleaved (every method once per repeat) and the best time per prompt is kept,
-    # so a change of load on a shared machine hits every method alike.
-    best = [[float("inf")] * len(prompts) for _ in methods]
-    best_cpu = [[float("inf")] * len(prompts) for _ in methods]
+    # Repeats are interleaved (every method on every prompt once per repeat) and the best time
+    # per prompt is kept (attention.timed), so a change of load hits every method alike.
     results = [[None] * len(prompts) for _ in methods]
-    for _ in tqdm(range(repeats), desc="bench repeats"):
-        for m, (name, fn) in enumerate(methods):
-            for j, idx in enumerate(prompts):
-                gen = torch.Generator(idx.device).manual_seed(0)  # fresh: every repeat draws alike
-                t0, c0 = time.perf_counter(), time.process_time()
-                res = fn(idx, gen)
-                best[m][j] = min(best[m][j], time.perf_counter() - t0)
-                best_cpu[m][j] = min(best_cpu[m][j], time.process_time() - c0)
-                results[m][j] = res if isinstance(res, tuple) else (res, None)
+
+    def run(m, j):
+        def call():
+            gen = torch.Generator(prompts[j].device).manual_seed(0)  # fresh: every repeat draws alike
+            res = methods[m][1](prompts[j], gen)
+            results[m][j] = res if isinstance(res, tuple) else (res, None)
+        return call
+    pairs = [(m, j) for m in range(len(methods)) for j in range(len(prompts))]
+    ms = dict(zip(pairs, timed([run(m, j) for m, j in pairs], repeats, warmup=0, desc="bench repeats")))
+    best = [[ms[m, j][0] / 1e3 for j in range(len(prompts))] for m in range(len(methods))]
+    best_cpu = [[ms[m, j][1] / 1e3 for j in range(len(prompts))] for m in range(len(methods))]
     rows = []
     for m, (name, _) in enumerate(methods):
         outs = [out for out, _ in results[m]]
@@ -646,7 +646,7 @@ def main(argv=None):
     eos = target.config.eos_id if args.stop_at_eos else None
 
     def stream(tokens):  # bytes as they are produced; the end-of-document id prints nothing
-        sys.stdout.buffer.write(bytes(t for t in tokens[0].tolist() if t < 256))
+        sys.stdout.buffer.write(bytes(t for t in tokens[0].tolist() if t < EOS))
         sys.stdout.buffer.flush()
 
     stream(idx)

@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 
 from attention import block_sparse_attention, decode_attention, select_blocks
+from data import EOS
 
 
 # ------------------------------------------------------------------------------ config
 @dataclass
 class GPTConfig:
-    vocab_size: int = 257           # 256 byte values + one end-of-document id
-    eos_id: int = 256               # end-of-document id: resets the n-gram look-back
+    vocab_size: int = EOS + 1       # 256 byte values + one end-of-document id
+    eos_id: int = EOS               # end-of-document id (data.EOS): resets the n-gram look-back
     n_layer: int = 4                # transformer blocks
     n_head: int = 4                 # attention heads; head dim n_embd/n_head: power of two >= 16
     n_embd: int = 256               # model width D

@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from balance import BALANCE, Balancer, CostModel
+from balance import ANCHORS, BALANCE, Balancer, CostModel
 from batching import padded
 from data import chunk, draw_mix, load_documents, passkey_sample
 from infer import generate
@@ -127,7 +127,7 @@ def get_args(argv=None):
     a("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (never on tables)")
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     a("--balance", default="none", help=f"{' | '.join(BALANCE)}: batching policy and DST")
-    a("--anchor", default="mean", help="DST anchor: mean | min | max (paper: mean)")
+    a("--anchor", default="mean", help=f"DST anchor: {' | '.join(ANCHORS)} (paper: mean)")
     a("--p", type=float, default=0.1, help="DST threshold: in every layer a sample's budget is raised "
       "to its floor, the smallest budget keeping (1 - p) x the routing coverage it has at k0 (from "
       "the gate scores the layer computes anyway; 0 = never below k0's coverage)")
@@ -185,7 +185,7 @@ def check_args(args):
             raise ValueError(f"--{k.replace('_', '-')} {v}: must be a finite number")
     rules = [  # (flag, ok, what it must be)
         ("balance", args.balance in BALANCE, f"choose one of {', '.join(BALANCE)}"),
-        ("anchor", args.anchor in ("mean", "min", "max"), "choose mean, min or max"),
+        ("anchor", args.anchor in ANCHORS, f"choose one of {', '.join(ANCHORS)}"),
         ("correction", args.correction in ("on", "off"), "choose on or off"),
         ("device", args.device in ("auto", "cpu", "cuda"), "choose auto, cpu or cuda"),
         ("variant", args.variant in (None, "dense", "moe", "ngram"), "choose dense, moe or ngram"),

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attention import coverage_floor  # noqa: E402
 from balance import ANCHORS, Balancer, CostModel, one_f_one_b, tune_budgets  # noqa: E402
-from batching import SABState, imbalance, order_for_1f1b, padded, plan_batches  # noqa: E402
+from batching import SABState, imbalance, n_blocks, order_for_1f1b, padded, plan_batches  # noqa: E402
 from data import stdlib_lengths  # noqa: E402
 
 
@@ -118,7 +118,7 @@ def run_ablation(draw_lengths, rng, steps, cm, dp, pp, global_batch, k0, p, n_la
            for name, _, _ in configs}
     for _ in range(steps):
         lengths = draw_lengths(global_batch, rng)
-        blocks = [-(-x // b) for x in lengths]
+        blocks = [n_blocks(x, b) for x in lengths]
         curves = [synthetic_coverage(n, rng.uniform(0.6, 1.4)) for n in blocks]
         floors = _floors(curves, k0, p)
         for name, policy, dst in configs:
