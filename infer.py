@@ -25,12 +25,14 @@ import argparse
 import os
 import sys
 import time
+from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from attention import timed
-from data import EOS, corpus_tokens
+from data import EOS, corpus_tokens, passkey_sample
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -462,6 +464,54 @@ def speculative_generate(target, draft, idx, max_new_tokens, gamma=4, temperatur
     new_tokens = seq.size(1) - idx.size(1)
     return seq, {**draft_stats(rounds, drafted, accepted, hist), "tokens_per_s": new_tokens / dt,
                  "seconds": dt, "cpu": clock.cpu, "wall": clock.wall}
+
+
+# -----------------------------------------------------------------------------
+# Needle retrieval, generated free running (train.py's evaluation and experiments/quality.py)
+
+def needle_budgets(cfg):
+    """The budgets needle evaluation asks about: k0/2, k0, dense (every block of a full row) and
+    "dst", each layer at its own coverage floor (see `needle_eval`)."""
+    return sorted({max(1, cfg.topk // 2), cfg.topk, cfg.max_seq_len // cfg.attn_block}) + ["dst"]
+
+
+@torch.no_grad()
+def needle_eval(model, filler, length, budget, n, seed, p=0.1, ctx=nullcontext(), mine=None):
+    """Needle retrieval on n passkey documents of `length` tokens (data.passkey_sample), document i
+    with its needle at depth (i + 0.5) / n, so every depth band is asked.
+
+    Free running: the prompt (everything up to "The passkey is ") is prefilled into the KV cache
+    and the answer generated greedily by `infer.generate`, i.e. through sparse decoding at the same
+    budget; a hit is an exact match of all five digits. Teacher forced (second score): one forward
+    over the whole document, a hit when the argmax at every answer position is the right digit
+    (the model sees the earlier answer digits as inputs). budget: an int (every layer), or "dst":
+    each layer at its routing-coverage floor at `p` (the lowest budget DST's in-layer half allows:
+    the smallest k keeping (1 - p) of the coverage at k0 = config.topk), computed from the prompt.
+    mine: the documents this caller runs (ranks split them; default all n). -> (free hits,
+    teacher-forced hits, budgets used), one entry per document run."""
+    cfg, dev = model.config, next(model.parameters()).device
+    free, forced, used = [], [], []
+    for t in range(n) if mine is None else mine:
+        toks, pos = passkey_sample(np.random.default_rng([seed, 99, length, t]), filler, length,
+                                   depth=(t + 0.5) / n)
+        x = torch.from_numpy(toks[:-1].astype(np.int64))[None].to(dev)    # (1, length)
+        prompt, answer = x[:, :pos[0] + 1], x[0, pos + 1]                  # answer = the 5 digits
+        with ctx:
+            if budget == "dst":  # a target of 1 block, raised in every layer to its floor
+                model(prompt, topk=1, k0=cfg.topk, p=p)
+                k = model.used_budgets.clone()                             # [n_layer, 1]
+            else:
+                k = int(budget)
+            logits, _ = model(x, topk=k)                                   # (1, length, V)
+            forced.append(int((logits[0, pos].argmax(-1) == answer).all()))
+            topk, cfg.topk = cfg.topk, k  # generate decodes at config.topk
+            try:
+                out = generate(model, prompt, len(pos))
+            finally:
+                cfg.topk = topk
+        free.append(int(torch.equal(out[0, prompt.size(1):], answer)))
+        used.append(float(torch.as_tensor(k, dtype=torch.float).mean()))
+    return free, forced, used
 
 
 # -----------------------------------------------------------------------------

@@ -33,12 +33,10 @@ import datetime
 import json
 import math
 import os
-import random
-import socket
 import sys
 import time
 import zlib
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -49,7 +47,9 @@ from tqdm import tqdm
 from balance import ANCHORS, BALANCE, Balancer, CostModel
 from batching import padded
 from data import chunk, draw_mix, load_documents, passkey_sample
-from infer import generate
+from checkpoint import (TrainingError, check_resume, lock_out, read_checkpoint, rng_state,
+                        save_checkpoint, set_rng_state)
+from infer import needle_budgets, needle_eval
 from model import GPT, GPTConfig
 
 # ------------------------------------------------------------------------------------------------
@@ -90,10 +90,6 @@ MUST_MATCH = ("data", "seed", "batch_size", "micro", "val_frac", "passkey_frac",
               "min_lr_frac", "warmup", "steps", "weight_decay", "grad_clip", "balance", "anchor", "p",
               "correction", "length_bias", "mix")
 MAX_BATCH = 1 << 16  # samples per step; more is a typo (every rank plans the whole global batch)
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (diverged, a stalled rank, a failed write); the message says why."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -263,7 +259,7 @@ def make_microbatch(samples, block, device):
 
 
 # ------------------------------------------------------------------------------------------------
-# Distributed helpers, checkpoints
+# Distributed helpers (checkpoints, the --out lock and RNG state: checkpoint.py)
 
 def setup_distributed(device_arg, timeout_s=300.0):
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them this is a single process. A collective
@@ -297,105 +293,6 @@ def all_gather_row(values, world, device):
     return torch.stack(out).cpu()
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: os.replace is atomic, so a crash mid-write leaves the
-    previous checkpoint intact, never a truncated one. A failed write (a full disk) removes the
-    temporary file and says so."""
-    tmp = path + ".tmp"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise TrainingError(f"{path}: writing the checkpoint failed ({e}); the previous one is intact: "
-                            "free disk space or choose another --out, then --resume") from None
-
-
-CKPT_KEYS = ("model", "optimizer", "step", "rng", "sab_state", "correction", "config", "train_config")
-
-
-def read_checkpoint(path):
-    """torch.load with weights_only=True: tensors and plain values only, so a crafted file cannot run
-    code (an explicit weights_only=True also overrides TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD). Anything
-    that is not a train.py checkpoint is a one-line error naming the file."""
-    fix = "move it away to start fresh, or choose another --out"
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # empty, truncated, random bytes, or objects a safe load refuses
-        raise ValueError(f"{path}: not a loadable checkpoint (empty, truncated, corrupt, or holding "
-                         f"objects a weights-only load refuses: {type(e).__name__}): {fix}") from None
-    missing = [k for k in CKPT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CKPT_KEYS)
-    if missing or not all(isinstance(ckpt[k], dict) for k in ("model", "config", "train_config")):
-        raise ValueError(f"{path}: not a train.py checkpoint (missing or malformed: "
-                         f"{', '.join(missing) or 'model, config or train_config'}): {fix}")
-    return ckpt
-
-
-def lock_out(out):
-    """Claim --out for this run (rank 0): two runs on one --out would overwrite each other's
-    checkpoint. OUT/lock records the owner's pid, host and torchrun run id; it is stale, and taken
-    over, when that process is gone (a crash, SIGKILL), is this very process (an earlier main() in
-    it), or is an earlier attempt of this same torchrun job (--max-restarts). -> the lock's path."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file: choose a directory")
-    path = os.path.join(out, "lock")
-    me = dict(pid=os.getpid(), host=socket.gethostname(), run=os.environ.get("TORCHELASTIC_RUN_ID"))
-    for _ in range(3):
-        try:
-            os.makedirs(out, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one creator wins
-        except FileExistsError:
-            try:
-                owner = json.load(open(path))
-            except (OSError, ValueError):
-                owner = {}  # being written right now, or damaged: treat as held
-            restart = owner.get("run") is not None and owner["run"] == me["run"]
-            here = owner.get("host") == me["host"]
-            if not (restart or here and (owner.get("pid") == me["pid"] or not pid_alive(owner.get("pid")))):
-                raise ValueError(f"--out {out} is in use by process {owner.get('pid')} on {owner.get('host')} "
-                                 f"({path}): wait for it or choose another --out; delete {path} if no run "
-                                 "uses it") from None
-            with suppress(FileNotFoundError):
-                os.remove(path)
-            continue
-        except OSError as e:
-            raise ValueError(f"--out {out}: cannot write there ({e.strerror}): "
-                             "choose a writable directory") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return path
-    raise ValueError(f"--out {out}: another run keeps taking {path}: choose another --out")
-
-
-def pid_alive(pid):
-    try:
-        os.kill(int(pid), 0)  # signal 0: only checks that the process exists
-    except (ProcessLookupError, TypeError, ValueError):
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def rng_state():
-    """RNG states as plain types and tensors, so the checkpoint loads with torch.load's default
-    weights_only=True (GPT.from_checkpoint, infer.py). The data order does not depend on them: a
-    step's samples are drawn from a generator seeded by (seed, step)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_state(s):
-    name, keys, pos, has_gauss, gauss = s["numpy"]
-    random.setstate(s["python"])
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 # ------------------------------------------------------------------------------------------------
 # Evaluation: validation bits per byte, passkey retrieval by context length and budget
 
@@ -408,51 +305,6 @@ def pack_rows(samples, capacity, block):
             rows, cur, used = rows + [cur], [], 0
         cur, used = cur + [s], used + n
     return rows + [cur] if cur else rows
-
-
-def needle_budgets(cfg):
-    """The budgets needle evaluation asks about: k0/2, k0, dense (every block of a full row) and
-    "dst", each layer at its own coverage floor (see `needle_eval`)."""
-    return sorted({max(1, cfg.topk // 2), cfg.topk, cfg.max_seq_len // cfg.attn_block}) + ["dst"]
-
-
-@torch.no_grad()
-def needle_eval(model, filler, length, budget, n, seed, p=0.1, ctx=nullcontext(), mine=None):
-    """Needle retrieval on n passkey documents of `length` tokens (data.passkey_sample), document i
-    with its needle at depth (i + 0.5) / n, so every depth band is asked.
-
-    Free running: the prompt (everything up to "The passkey is ") is prefilled into the KV cache
-    and the answer generated greedily by `infer.generate`, i.e. through sparse decoding at the same
-    budget; a hit is an exact match of all five digits. Teacher forced (second score): one forward
-    over the whole document, a hit when the argmax at every answer position is the right digit
-    (the model sees the earlier answer digits as inputs). budget: an int (every layer), or "dst":
-    each layer at its routing-coverage floor at `p` (the lowest budget DST's in-layer half allows:
-    the smallest k keeping (1 - p) of the coverage at k0 = config.topk), computed from the prompt.
-    mine: the documents this caller runs (ranks split them; default all n). -> (free hits,
-    teacher-forced hits, budgets used), one entry per document run."""
-    cfg, dev = model.config, next(model.parameters()).device
-    free, forced, used = [], [], []
-    for t in range(n) if mine is None else mine:
-        toks, pos = passkey_sample(np.random.default_rng([seed, 99, length, t]), filler, length,
-                                   depth=(t + 0.5) / n)
-        x = torch.from_numpy(toks[:-1].astype(np.int64))[None].to(dev)    # (1, length)
-        prompt, answer = x[:, :pos[0] + 1], x[0, pos + 1]                  # answer = the 5 digits
-        with ctx:
-            if budget == "dst":  # a target of 1 block, raised in every layer to its floor
-                model(prompt, topk=1, k0=cfg.topk, p=p)
-                k = model.used_budgets.clone()                             # [n_layer, 1]
-            else:
-                k = int(budget)
-            logits, _ = model(x, topk=k)                                   # (1, length, V)
-            forced.append(int((logits[0, pos].argmax(-1) == answer).all()))
-            topk, cfg.topk = cfg.topk, k  # generate decodes at config.topk
-            try:
-                out = generate(model, prompt, len(pos))
-            finally:
-                cfg.topk = topk
-        free.append(int(torch.equal(out[0, prompt.size(1):], answer)))
-        used.append(float(torch.as_tensor(k, dtype=torch.float).mean()))
-    return free, forced, used
 
 
 @torch.no_grad()
@@ -530,54 +382,28 @@ def step(model, params, samples, plan_r, targets, layer_args, n_global, world, d
 
 
 # ------------------------------------------------------------------------------------------------
+# Setting a run up: data, cost model, resume
 
-def main(argv=None):
-    args = get_args(argv)
-    cfg = build_config(args)
-    rank, local_rank, world, device = setup_distributed(args.device, args.pg_timeout)
-    master = rank == 0
-    print0 = (lambda *a: tqdm.write(" ".join(map(str, a)))) if master else (lambda *a: None)
-    torch.set_num_threads(args.threads)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    # Everything that can fail on bad input fails here, before a checkpoint is touched.
-    train_docs, val_docs = load_documents(args.data, args.val_frac, cfg.max_seq_len, note=print0)
+def load_data(args, cfg, note):
+    """-> (training samples, the fixed validation samples, filler for needle documents)."""
+    train_docs, val_docs = load_documents(args.data, args.val_frac, cfg.max_seq_len, note=note)
     top = max(int(d.max()) for d in train_docs + val_docs)
     if top >= cfg.vocab_size:
         raise ValueError(f"--vocab-size {cfg.vocab_size}: the data holds token ids up to {top}; "
                          f"use at least {top + 1}")
     train, val = chunk(train_docs, cfg.max_seq_len), chunk(val_docs, cfg.max_seq_len)
     val = [val[i] for i in np.linspace(0, len(val) - 1, min(args.eval_samples, len(val))).astype(int)]
-    lock = lock_out(args.out) if master else None  # one run per --out
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if master and os.path.exists(ckpt_path + ".tmp"):
-        os.remove(ckpt_path + ".tmp")  # a crash mid-write left it; we hold the lock, nobody writes it
-    ckpt = None
-    if os.path.exists(ckpt_path):
-        if not args.resume:
-            raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
-        ckpt = read_checkpoint(ckpt_path)
-        def flag(d, k):  # the data path is compared normalised: DIR/ equals DIR, links resolved
-            return os.path.realpath(d[k]) if k == "data" and d.get(k) else d.get(k)
-        bad = [k for k, v in dataclasses.asdict(cfg).items() if ckpt["config"].get(k) != v]
-        bad += [k for k in ckpt["config"] if not hasattr(cfg, k)]  # a field this GPTConfig lacks
-        flags = [] if args.allow_changes else ["--" + k.replace("_", "-") for k in MUST_MATCH
-                                               if flag(ckpt["train_config"], k) != flag(vars(args), k)]
-        if bad or flags:
-            raise ValueError(f"{ckpt_path}: written with a different config ({', '.join(bad + flags)} "
-                             "differ): use the same flags to continue it exactly" + ("" if bad else
-                             ", --allow-changes to continue it with the new ones") + ", or another --out")
+    return train, val, val_docs[0]
 
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = GPT(cfg).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
+
+def load_cost_model(args, cfg, master, world, device):
+    """--cost-model: analytic (FLOPs), profile (measured once on rank 0 into OUT/cost_model.json and
+    shared through the file system; a resumed run keeps the table it started with) or a file."""
     if args.cost_model == "analytic":
         cost = CostModel.analytic(block_size=cfg.attn_block, n_embd=cfg.n_embd, n_head=cfg.n_head)
-    elif args.cost_model == "profile":  # measured once on rank 0, shared through the file system
+    elif args.cost_model == "profile":
         cost_file = os.path.join(args.out, "cost_model.json")
-        if master and not os.path.exists(cost_file):  # a resumed run keeps the table it started with
+        if master and not os.path.exists(cost_file):
             os.makedirs(args.out, exist_ok=True)
             # every length the run can see (powers of two from 2 blocks to max_seq_len) and the
             # budgets up to 4 x k0 (beyond, the cost per visited block is held constant)
@@ -599,33 +425,118 @@ def main(argv=None):
     if cost.block_size != cfg.attn_block:
         raise ValueError(f"--cost-model {args.cost_model}: profiled for blocks of {cost.block_size}, the "
                          f"model uses {cfg.attn_block}: profile it again with --block-size {cfg.attn_block}")
-    bal = Balancer(cost, world, args.balance, k0=cfg.topk, p=args.p, anchor=args.anchor,
-                   n_layer=cfg.n_layer, num_microbatches=args.micro or None,
+    return cost
+
+
+def claim_out(args, cfg, master):
+    """Lock --out for this run (rank 0), clear a half-written checkpoint, and read the checkpoint to
+    continue (--resume; its config must match) -> (lock path or None, checkpoint path, dict or None)."""
+    lock = lock_out(args.out) if master else None
+    path = os.path.join(args.out, "ckpt.pt")
+    if master and os.path.exists(path + ".tmp"):
+        os.remove(path + ".tmp")  # a crash mid-write left it; we hold the lock, nobody writes it
+    if not os.path.exists(path):
+        return lock, path, None
+    if not args.resume:
+        raise ValueError(f"{path} exists: pass --resume to continue it, or choose another --out")
+    ckpt = read_checkpoint(path)
+    check_resume(ckpt, path, cfg, args, MUST_MATCH, args.allow_changes)
+    return lock, path, ckpt
+
+
+def weights_ok(params):
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in params])))
+
+
+def restore(ckpt, path, model, opt, bal):
+    """Load a checkpoint's state into the run -> the step it holds. Contents that do not fit, or
+    non-finite weights, are an error naming the file (nothing is overwritten)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        bal.load_state_dict(dict(sab=ckpt["sab_state"], correction=ckpt["correction"]))
+        set_rng_state(ckpt["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise ValueError(f"{path}: its contents do not fit this model and optimizer "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:240]}): move it away "
+                         "to start fresh, or choose another --out") from None
+    if not weights_ok(model.parameters()):
+        raise ValueError(f"{path}: holds non-finite weights (written by a diverged run): "
+                         "move it away to start fresh, or resume an earlier copy")
+    return int(ckpt["step"])
+
+
+def write_config(args, cfg, model, world, train, val, note):
+    """OUT/config.json: every flag and model field as resolved, and the sizes, also printed."""
+    resolved = {"train": vars(args), "model": dataclasses.asdict(cfg), "world_size": world,
+                "params": model.num_params(), "active_params": model.num_params(active=True),
+                "train_samples": len(train), "val_samples": len(val)}
+    note(json.dumps(resolved, indent=1))
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(resolved, f, indent=1)
+
+
+def lr_at(s, args):
+    """Linear warmup, then cosine down to min_lr_frac x lr at the last step."""
+    lr_min = args.lr * args.min_lr_frac
+    if s < args.warmup:
+        return args.lr * (s + 1) / args.warmup
+    frac = (s - args.warmup) / max(1, args.steps - args.warmup)
+    return lr_min + 0.5 * (args.lr - lr_min) * (1 + math.cos(math.pi * frac))
+
+
+def draw_samples(s, args, cfg, train, lengths, draw):
+    """Step s's samples: a function of (seed, step) alone, so a resumed run sees the same data.
+    lengths: of the training samples; draw: their sampling probabilities (--length-bias); --mix
+    shapes the lengths; --passkey-frac replaces samples with synthetic needle documents."""
+    rng = np.random.default_rng([args.seed, s])
+    samples = [train[i] for i in draw_mix(rng, lengths, args.batch_size, args.mix, p=draw)]
+    for j in np.flatnonzero(rng.random(args.batch_size) < args.passkey_frac):
+        L = int(rng.integers(cfg.attn_block, cfg.max_seq_len + 1))
+        samples[j] = passkey_sample(rng, train[int(rng.integers(len(train)))], L)[0]
+    return samples
+
+
+def fault_injection(s, args, rank, world):
+    """--crash-at-step / --stall-at-step: the last rank dies (SIGKILL, what a lost node looks like to
+    torchrun; once, a marker file stops it repeating after a restart) or hangs alive but silent."""
+    if s + 1 == args.crash_at_step and rank == world - 1:
+        marker = os.path.join(args.out, f"crashed_at_{s + 1}")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), 9)
+    if s + 1 == args.stall_at_step and rank == world - 1:
+        time.sleep(10 ** 6)  # the other ranks wait in this step's first collective
+
+
+# ------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+    cfg = build_config(args)
+    rank, _, world, device = setup_distributed(args.device, args.pg_timeout)
+    master = rank == 0
+    print0 = (lambda *a: tqdm.write(" ".join(map(str, a)))) if master else (lambda *a: None)
+    torch.set_num_threads(args.threads)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    # Everything that can fail on bad input fails here, before a checkpoint is touched.
+    train, val, filler = load_data(args, cfg, print0)
+    lock, ckpt_path, ckpt = claim_out(args, cfg, master)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = GPT(cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    bal = Balancer(load_cost_model(args, cfg, master, world, device), world, args.balance, k0=cfg.topk,
+                   p=args.p, anchor=args.anchor, n_layer=cfg.n_layer, num_microbatches=args.micro or None,
                    capacity=cfg.max_seq_len, correction=args.correction == "on")
-    weights_ok = lambda: bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in params])))
-    start = saved = 0  # saved: the step the checkpoint on disk holds
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            bal.load_state_dict(dict(sab=ckpt["sab_state"], correction=ckpt["correction"]))
-            start = int(ckpt["step"])
-            set_rng_state(ckpt["rng"])
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            raise ValueError(f"{ckpt_path}: its contents do not fit this model and optimizer "
-                             f"({type(e).__name__}: {' '.join(str(e).split())[:240]}): move it away "
-                             "to start fresh, or choose another --out") from None
-        if not weights_ok():
-            raise ValueError(f"{ckpt_path}: holds non-finite weights (written by a diverged run): "
-                             "move it away to start fresh, or resume an earlier copy")
-        saved = start
+    start = saved = restore(ckpt, ckpt_path, model, opt, bal) if ckpt else 0  # saved: the step on disk
+    if ckpt:
         print0(f"resumed {ckpt_path} at step {start}")
     if master:
-        resolved = {"train": vars(args), "model": dataclasses.asdict(cfg), "world_size": world,
-                    "params": model.num_params(), "active_params": model.num_params(active=True),
-                    "train_samples": len(train), "val_samples": len(val)}
-        print0(json.dumps(resolved, indent=1))
-        json.dump(resolved, open(os.path.join(args.out, "config.json"), "w"), indent=1)
+        write_config(args, cfg, model, world, train, val, print0)
     log = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
 
     def record(d):
@@ -647,49 +558,31 @@ def main(argv=None):
         if not ok.all():
             raise TrainingError(f"step {s}: the weights give non-finite outputs (diverged; lower --lr?): "
                                 f"no checkpoint written; {kept()}")
-        if master:
-            # `step` is also the data position: step s's samples come from default_rng([seed, s]).
+        if master:  # `step` is also the data position: step s's samples come from (seed, s)
+            sab, corr = bal.state_dict().values()
             save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=opt.state_dict(), step=s,
-                                            rng=rng_state(), **dict(zip(("sab_state", "correction"),
-                                                                        bal.state_dict().values())),
+                                            rng=rng_state(), sab_state=sab, correction=corr,
                                             config=dataclasses.asdict(cfg), train_config=vars(args)))
         if world > 1:
             dist.barrier()  # the checkpoint is complete before any rank moves on (or dies)
         saved = s
 
-    lr_min = args.lr * args.min_lr_frac
-    train_lens = np.array([len(x) - 1 for x in train])
-    draw = (train_lens / train_lens.max()) ** args.length_bias  # no overflow at any bias
-    draw /= draw.sum()  # sampling probabilities (--length-bias)
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, dynamic_ncols=True)
+    lengths_all = np.array([len(x) - 1 for x in train])
+    draw = (lengths_all / lengths_all.max()) ** args.length_bias  # no overflow at any bias
+    draw /= draw.sum()
     skips = 0  # steps skipped in a row
 
     def train_step(s):
         nonlocal skips
-        if s + 1 == args.crash_at_step and rank == world - 1:
-            marker = os.path.join(args.out, f"crashed_at_{s + 1}")
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                os.kill(os.getpid(), 9)  # SIGKILL: what a lost node looks like to torchrun
-        if s + 1 == args.stall_at_step and rank == world - 1:
-            time.sleep(10 ** 6)  # alive but silent: the other ranks wait in this step's first collective
+        fault_injection(s, args, rank, world)
         t_step = time.perf_counter()
-        # lr: linear warmup, then cosine down to lr_min at the last step
-        frac = (s - args.warmup) / max(1, args.steps - args.warmup)
-        lr = args.lr * (s + 1) / args.warmup if s < args.warmup else lr_min + 0.5 * (args.lr - lr_min) * (1 + math.cos(math.pi * frac))
+        lr = lr_at(s, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        # The step's samples: a function of (seed, step) alone, so a resumed run sees the same data.
-        rng = np.random.default_rng([args.seed, s])
-        ids = draw_mix(rng, train_lens, args.batch_size, args.mix, p=draw)
-        samples = [train[i] for i in ids]
-        for j in np.flatnonzero(rng.random(args.batch_size) < args.passkey_frac):
-            L = int(rng.integers(cfg.attn_block, cfg.max_seq_len + 1))
-            samples[j] = passkey_sample(rng, train[int(rng.integers(len(train)))], L)[0]
+        samples = draw_samples(s, args, cfg, train, lengths_all, draw)
         lengths = [len(x) - 1 for x in samples]  # input tokens; batching pads them to blocks
         plan = bal.plan(lengths)  # SAB + DST's targets: the same on every rank, no communication
         n_global = float(sum(lengths))
-
         loss_sum, wall, cpu, used = step(model, params, samples, plan.plan[rank], plan.targets,
                                          bal.layer_args(), n_global, world, device, ctx)
         # The one collective after the step: losses, compute times, the budgets every layer used,
@@ -712,33 +605,33 @@ def main(argv=None):
                                     f"gradient norm (diverged; lower --lr?); {kept()}")
         else:
             opt.step()
-            if not weights_ok():  # a huge lr or weight decay: the weights overflow in one update
+            if not weights_ok(params):  # a huge lr or weight decay: the weights overflow in one update
                 raise TrainingError(f"step {s + 1}: the update left non-finite weights (diverged; "
                                     f"--lr {lr:g} too high?); {kept()}")
         opt.zero_grad(set_to_none=True)
-
         # Measured balance, fed back into SAB's budget estimates and the cost model's correction:
         # CPU time on CPUs (what the step would take on dedicated cores), wall time on GPUs.
         times = walls if device.type == "cuda" else cpus
         obs = bal.observe(plan, used, times.tolist())
         dt = time.perf_counter() - t_step
-        m = dict(step=s + 1, loss=loss, lr=lr, grad_norm=norm.item(), skipped=skipped, step_time=dt,
-                 compute=walls.tolist(), compute_cpu=cpus.tolist(), critical_path=times.max().item(),
-                 imbalance=(times.max() / times.mean().clamp_min(1e-9)).item(),
-                 idle=(times.max() - times).mean().item(), tokens=n_global, tok_s=n_global / dt,
-                 plan_ms=plan.report["plan_ms"], imbalance_k0=plan.report["imbalance_k0"], **obs)
-        record(m)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{m['tok_s']:.0f}", imb=f"{m['imbalance']:.2f}")
-        if (s + 1) % args.eval_every == 0 or s + 1 == args.steps:
-            e = dict(step=s + 1, **evaluate(model, val, val_docs[0], cfg, args, rank, world, device, ctx))
-            record(e)
-            print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in e.items()))
-        if (args.ckpt_every and (s + 1) % args.ckpt_every == 0) or s + 1 == args.steps:
-            checkpoint(s + 1)
+        return dict(step=s + 1, loss=loss, lr=lr, grad_norm=norm.item(), skipped=skipped, step_time=dt,
+                    compute=walls.tolist(), compute_cpu=cpus.tolist(), critical_path=times.max().item(),
+                    imbalance=(times.max() / times.mean().clamp_min(1e-9)).item(),
+                    idle=(times.max() - times).mean().item(), tokens=n_global, tok_s=n_global / dt,
+                    plan_ms=plan.report["plan_ms"], imbalance_k0=plan.report["imbalance_k0"], **obs)
 
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, dynamic_ncols=True)
     for s in bar:
         try:
-            train_step(s)
+            m = train_step(s)
+            record(m)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tok_s']:.0f}", imb=f"{m['imbalance']:.2f}")
+            if (s + 1) % args.eval_every == 0 or s + 1 == args.steps:
+                e = dict(step=s + 1, **evaluate(model, val, filler, cfg, args, rank, world, device, ctx))
+                record(e)
+                print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in e.items()))
+            if (args.ckpt_every and (s + 1) % args.ckpt_every == 0) or s + 1 == args.steps:
+                checkpoint(s + 1)
         except RuntimeError as e:  # gloo raises when a collective waits longer than --pg-timeout
             if world == 1 or "timed out" not in str(e).lower():
                 raise

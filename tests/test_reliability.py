@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -262,7 +263,7 @@ def test_out_is_locked_while_a_run_lives(done, tmp_path):
     assert not os.path.exists(lock)  # a finished run releases it
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        owner = dict(pid=live.pid, host=train.socket.gethostname(), run=None)
+        owner = dict(pid=live.pid, host=socket.gethostname(), run=None)
         json.dump(owner, open(lock, "w"))
         fails(flags + ["--resume"], f"in use by process {live.pid}")
     finally:

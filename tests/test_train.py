@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import train
 from data import EOS, chunk, load_documents
 from model import GPT
@@ -101,7 +102,7 @@ def test_passkey_answer_positions():
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, {"step": 1})
+    checkpoint.save_checkpoint(path, {"step": 1})
     before = sha(path)
 
     def broken_save(obj, f):  # what torch.save does on a full disk: a partial file, then an error
@@ -109,7 +110,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(train.TrainingError, match="writing the checkpoint failed.*previous one is intact"):
-        train.save_checkpoint(path, {"step": 2})
+        checkpoint.save_checkpoint(path, {"step": 2})
     assert sha(path) == before and torch.load(path, weights_only=True)["step"] == 1
     assert not os.path.exists(path + ".tmp")  # the partial file is removed, not left behind
 
