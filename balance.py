@@ -418,6 +418,28 @@ class DSTResult:
     shortfalls: list   # units still above the anchor at budget 1: (unit, seconds above)
 
 
+def _check_dst_inputs(plan, lengths, b, anchor, unit, k0, tolerance, k_max, block_size, rank_scale):
+    """tune_budgets' inputs, checked at the boundary with errors that say what to change."""
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor must be one of {', '.join(ANCHORS)}, got {anchor!r}")
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    if not (isinstance(k0, int) and not isinstance(k0, bool) and k0 >= 1):
+        raise ValueError(f"k0 must be a positive int (blocks), got {k0!r}")
+    if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+    if k_max is not None and k_max < k0:
+        raise ValueError(f"k_max ({k_max}) must be >= k0 ({k0}) or None")
+    if any(not (isinstance(x, int) and x >= 1) for x in lengths):
+        raise ValueError("lengths must be positive ints (tokens per sample)")
+    if block_size is not None and block_size != b:
+        raise ValueError(f"block_size {block_size} differs from the cost model's {b}: "
+                         "profile the cost model at the block size you train with")
+    if rank_scale is not None and (len(rank_scale) != len(plan) or not all(
+            math.isfinite(x) and x > 0 for x in rank_scale)):
+        raise ValueError(f"rank_scale needs one finite factor > 0 per rank ({len(plan)})")
+
+
 def tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k_max=None,
                  rank_scale=None, block_size=None, pipeline_stages=1, tolerance=0.0):
     """DST's pre-step half: a latency-target budget per sample, so every unit meets the anchor.
@@ -432,25 +454,8 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k
     """
     lengths = list(lengths)
     S = len(lengths)
-    if anchor not in ANCHORS:
-        raise ValueError(f"anchor must be one of {', '.join(ANCHORS)}, got {anchor!r}")
-    if unit not in UNITS:
-        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
-    if not (isinstance(k0, int) and not isinstance(k0, bool) and k0 >= 1):
-        raise ValueError(f"k0 must be a positive int (blocks), got {k0!r}")
-    if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
-        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
-    if k_max is not None and k_max < k0:
-        raise ValueError(f"k_max ({k_max}) must be >= k0 ({k0}) or None")
-    if any(not (isinstance(x, int) and x >= 1) for x in lengths):
-        raise ValueError("lengths must be positive ints (tokens per sample)")
     b = cost_model.block_size
-    if block_size is not None and block_size != b:
-        raise ValueError(f"block_size {block_size} differs from the cost model's {b}: "
-                         "profile the cost model at the block size you train with")
-    if rank_scale is not None and (len(rank_scale) != len(plan) or not all(
-            math.isfinite(x) and x > 0 for x in rank_scale)):
-        raise ValueError(f"rank_scale needs one finite factor > 0 per rank ({len(plan)})")
+    _check_dst_inputs(plan, lengths, b, anchor, unit, k0, tolerance, k_max, block_size, rank_scale)
     check_plan(plan, S)
     blocks = [n_blocks(x, b) for x in lengths]
     doc = {x: cost_model.curve(x) for x in set(lengths)}
