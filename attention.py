@@ -29,7 +29,8 @@ floor is one integer per sequence and layer computed from the whole sequence (as
 with `p` set the budget, never the selection rule, carries information from later tokens; with
 fixed budgets the model is exactly causal.
 
-Kernels: key-block-major ("pair tiles", MoBA's efficient path, FlashMoBA). The selected (token,
+Kernels: key-block-major ("pair tiles"; tests/fixtures/README.md describes the reference it is
+checked against). The selected (token,
 block j) pairs are grouped by key block; the tokens that chose block j are gathered into dense
 tiles of TILE query rows; each tile attends to its one key block and writes a partial output with
 its log-sum-exp; the partials of a token are then merged (o = sum_p exp(lse_p - lse) o_p). Work is
@@ -367,8 +368,8 @@ def _gather_rows(x, rows):
 # ------------------------------------------------------------------------------ torch path
 # The fused CPU flash-attention kernels behind F.scaled_dot_product_attention, called directly:
 # the forward returns the log-sum-exp the merge needs, and the backward, given the *merged* output
-# and log-sum-exp, rebuilds each pair's exact share p = exp(s - lse_token) (as MoBA's own
-# efficient path does with FlashAttention's varlen backward).
+# and log-sum-exp, rebuilds each pair's exact share p = exp(s - lse_token): the per-pair backward
+# needs no per-pair statistics of its own.
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 

@@ -1,6 +1,6 @@
 """The latency cost model, dynamic sparsity tuning (DST) and the per-step Balancer.
 
-SparseBalance (Xu et al., 2026): the attention budget k (key blocks per query block, the
+SparseBalance ("Cost model", "DST", "SAB"): the attention budget k (key blocks per query block, the
 diagonal block included) is a run-time knob for load balance. A cost model predicts each
 sequence's latency; DST cuts the budget of stragglers down to an anchor latency (never below a
 routing-coverage floor) and raises the budget of under-loaded units up to the anchor ("free

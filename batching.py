@@ -294,7 +294,7 @@ def imbalance_report(before, after, costs):
 
 def order_for_1f1b(micro_costs):
     """A rank's microbatch costs reordered for a 1F1B pipeline: the smallest at both ends, the
-    largest in the middle (as verl orders them), so the warm-up and the drain, which the other
+    largest in the middle, so the warm-up and the drain, which the other
     stages wait through, run the cheap ones. Returns the reordered list."""
     ranked = sorted(micro_costs)
     front, back = ranked[0::2], ranked[1::2]

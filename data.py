@@ -5,7 +5,7 @@ Python has them, so training, benchmarks and analyses run offline with no downlo
 files and 13 MB (tests excluded), from 100 bytes to 750 KB: a naturally long-tailed length
 distribution, which is what the load balancer is for. One file = one document; its bytes are the
 tokens, followed by the end-of-document id EOS = 256. `--data` may instead name a directory of
-text files, one text file, or a nanoGPT-style `.bin` of uint16 tokens.
+text files, one text file, or a `.bin` of uint16 tokens.
 
     documents(path)                  -> (name, tokens ending in EOS) pairs, lazily
     load_documents(path, val_frac, max_seq_len) -> (train, val) lists of token arrays
@@ -75,7 +75,7 @@ def documents(path=None, max_seq_len=None, note=print):
         return
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--data {path}: no such file or directory")
-    if path.endswith(".bin"):  # nanoGPT-style uint16 tokens; documents end at EOS if it occurs
+    if path.endswith(".bin"):  # uint16 tokens; documents end at EOS if it occurs
         if os.path.getsize(path) % 2:
             raise ValueError(f"--data {path}: {os.path.getsize(path)} bytes, an odd count, so not "
                              "uint16 tokens (truncated?); write 2 bytes per token")
@@ -158,7 +158,7 @@ NEEDLE, QUESTION = "\n# The passkey is {key}. Remember it.\n", "\n# What is the 
 def passkey_sample(rng, filler, length, depth=None):
     """A synthetic retrieval document of `length` + 1 tokens: code filler with a 5-digit key hidden
     at a depth (a fraction of the filler in [0, 1]; drawn uniformly when None), asked for at the end
-    (the needle-in-a-haystack passkey test of Mohtashami and Jaggi 2023, in code comments).
+    (the needle-in-a-haystack passkey test SparseBalance reports, in code comments).
     -> (tokens, positions of the answer digits' targets): the prompt a model must answer is
     tokens[:pos[0] + 1], the answer tokens[pos[0] + 1:pos[-1] + 2]."""
     key = str(rng.integers(10_000, 100_000))

@@ -19,7 +19,7 @@ where a round's CPU time goes):
 Library: `generate(model, idx, max_new_tokens, ...)` and
 `speculative_generate(target, draft, idx, max_new_tokens, gamma=4, ...) -> (tokens, stats)`
 side by side, timed by the same harness (`bench`). Speculative decoding runs one sequence
-(batch size 1), as gpt-fast and most serving engines do per request.
+(batch size 1), as serving engines do per request.
 """
 import argparse
 import os
@@ -186,7 +186,7 @@ def generate_recompute(model, idx, max_new_tokens, temperature=0.0, top_k=None, 
 
 
 # -----------------------------------------------------------------------------
-# Speculative decoding (Leviathan et al. 2023; gpt-fast), exact for sampling and greedy
+# Speculative decoding (N-gram Embedding paper, "Inference"), exact for sampling and greedy
 
 
 def accept_drafts(p, q, drafts, generator=None):
@@ -280,7 +280,7 @@ class NgramDrafter:
 
 
 class PromptLookupDrafter:
-    """Prompt-lookup decoding (Saxena 2023), the training-free baseline: find the last `max_ngram`
+    """Prompt-lookup decoding, the training-free baseline: find the last `max_ngram`
     (then fewer, down to `min_ngram`) tokens earlier in the sequence, most recent match first, and
     propose the tokens that followed. No model, no cache: a few tensor comparisons per round. Its
     draft distribution is a point mass on the proposed token, so the exact acceptance rule

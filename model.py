@@ -1,19 +1,19 @@
 """A GPT with the N-gram Embedding, an optional mixture of experts, block-sparse attention and
 decoding caches.
 
-Reads top to bottom like nanoGPT's model.py: config, N-gram embedding, attention, MLP/MoE, block,
+Reads top to bottom: config, N-gram embedding, attention, MLP/MoE, block,
 GPT, decoding cache. The collision and parameter reports are experiments/ngram_report.py.
 
-- N-gram Embedding (LongCat-Flash-Lite, "Scaling Embeddings Outperforms Scaling Experts in Language
-  Models", arXiv 2601.21204, Eq. 3): the token embedding is averaged with K hashed sub-table
+- N-gram Embedding ("Scaling Embeddings Outperforms Scaling Experts in Language Models", the
+  LongCat-Flash-Lite paper, Eq. 3): the token embedding is averaged with K hashed sub-table
   lookups per n-gram order n = 2..N, each projected back to the model width.
 - Attention: token-level MoBA from attention.py (each token routes to its best earlier blocks;
   causal by construction), with per-sequence and per-layer budgets, packed documents
   (`cu_seqlens`) and DST's per-layer coverage floor (`k0`, `p`), as SparseBalance trains it.
   Decoding runs the same gate over the KV cache's block-mean keys: generation is as sparse as
   training, and prefill + decode gives the logits of one full forward.
-- Optional mixture of experts FFN with top-k softmax routing and the Switch Transformer
-  load-balancing loss; optional n-gram draft head (the paper proposes it as a nearly free drafter).
+- Optional mixture of experts FFN with top-k softmax routing and a load-balancing loss (the
+  paper's baseline grows experts); optional n-gram draft head (the paper proposes it as a nearly free drafter).
 """
 import math
 import os
@@ -109,8 +109,8 @@ class GPTConfig:
 
 
 def ngram_table_sizes(ratio, vocab, n_tables):
-    """Rows of sub-table c = 0..n_tables-1: int(ratio * vocab + 2c + 1), exactly as LongCat's public
-    code sizes them (truncated, not rounded: one row fewer whenever the fraction of ratio * vocab is
+    """Rows of sub-table c = 0..n_tables-1: int(ratio * vocab + 2c + 1), exactly as the paper's
+    released configuration sizes them (truncated, not rounded: one row fewer whenever the fraction of ratio * vocab is
     at least 0.5). Consecutive tables differ by 2 rows, so the K tables of one order have different
     moduli and an n-gram rarely collides in all of them."""
     return [int(ratio * vocab + 2 * c + 1) for c in range(n_tables)]
@@ -293,7 +293,7 @@ class MLP(nn.Module):
 
 class MoE(nn.Module):
     """Mixture of `n_experts` MLPs; each token goes to its top-`expert_topk` experts by router
-    softmax, weighted by the renormalised probabilities. The Switch Transformer auxiliary loss
+    softmax, weighted by the renormalised probabilities. The load-balancing auxiliary loss
     E * sum_e f_e P_e (f_e: share of routed slots, P_e: mean router probability) is 1 when balanced
     and is left in `self.aux_loss`. Experts run one after another: clear, not fast; in eval mode
     those without tokens are skipped (what decoding at batch 1 gains from sparsity)."""
@@ -354,7 +354,7 @@ class GPT(nn.Module):
         self.norm_f = nn.RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from E0
         self.draft_head = nn.Linear(config.n_embd, config.vocab_size, bias=False) if config.ngram_draft_head else None
-        for name, p in self.named_parameters():                        # nanoGPT init
+        for name, p in self.named_parameters():                        # GPT-2 init: std 0.02, residual projections / sqrt(2L)
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
                 nn.init.normal_(p, std=std)
@@ -515,7 +515,7 @@ class GPT(nn.Module):
 
 # ------------------------------------------------------------------------------ decoding cache
 class KVCache:
-    """Position-indexed decoding cache (gpt-fast style) with the n-gram context and block means.
+    """Position-indexed decoding cache (a write position, no per-step reallocation) with the n-gram context and block means.
 
     k[l], v[l]: [B, H, max_len, hd] per layer; k_mean[l]: [B, H, max_len // block, hd], the mean
     key of every complete block (what the MoBA gate scores), recomputed whenever a write reaches a
