@@ -671,6 +671,24 @@ def decode_attention(q, k, v, k_means, pos, topk, block_size):
 
 
 # ------------------------------------------------------------------------------ benchmark, check
+def reuse_cpu_memory():
+    """Keep freed memory inside this process (glibc malloc on Linux) instead of handing every block
+    above 32 MB back to the OS. The CPU path allocates tensors of tens of MB per call (gathered
+    tiles, partial outputs, gradients); returned to the OS, each is page-faulted back in on the
+    next call, which measured a third of its time at T = 8192 (docs/attention.md). This is what a
+    caching allocator does on GPUs; train.py and the benchmark call it on CPUs. Process-wide; a
+    no-op (False) where glibc is absent."""
+    if sys.platform != "linux":
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, most = -1, -3, 2**31 - 1   # mallopt takes a C int
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, most)) and bool(libc.mallopt(M_TRIM_THRESHOLD, most))
+
+
 def budget_for_density(nq, density):
     """Smallest budget whose visited blocks reach `density` of dense causal's."""
     return next(kb for kb in range(1, nq + 1) if visited_blocks(nq, kb) >= density * visited_blocks(nq, nq))
@@ -731,15 +749,16 @@ def _union_over_pairs(sel, block_size):
     return union * block_size / (tiles * TILE)
 
 
-def bench(lengths, heads, dim, block, reps, densities=(1, 1 / 2, 1 / 4, 1 / 8, 1 / 16)):
+def bench(lengths, heads, dim, block, reps, densities=(1, 1 / 2, 1 / 4, 1 / 8, 1 / 16), keep_memory=True):
     """Print gate ms, forward ms, forward+backward ms of token-level MoBA at several densities
     next to dense causal SDPA (flash backend on CUDA), timed in turn with each row; on CUDA also
     FlexAttention with the same mask, checked equal before it is timed, and peak memory."""
     cuda = torch.cuda.is_available()
     dev, dtype, impl = ("cuda", torch.bfloat16, "triton") if cuda else ("cpu", torch.float32,
                                                                          "torch")
+    kept = not cuda and keep_memory and reuse_cpu_memory()
     print(f"device={dev} impl={impl} dtype={str(dtype)[6:]} B=1 H={heads} D={dim} block={block} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()}" + ("" if cuda else f" reuse_cpu_memory={kept}"))
     print("density: share of dense causal's (token, block) pairs; times: best of reps, gate "
           "included in fwd and fwd+bwd; speedup = SDPA / sparse" + ("" if cuda else
           " by wall time (cpu: by process CPU time)"))
@@ -880,6 +899,8 @@ if __name__ == "__main__":
     ap.add_argument("--block", type=int, default=64, help="block size (default 64)")
     ap.add_argument("--densities", type=float, nargs="+", default=[1, 1 / 2, 1 / 4, 1 / 8, 1 / 16],
                     help="shares of dense causal's (token, block) pairs (default 1 1/2 1/4 1/8 1/16)")
+    ap.add_argument("--no-reuse-memory", action="store_true",
+                    help="CPU: leave glibc's malloc as it is (see reuse_cpu_memory) to measure its cost")
     ap.add_argument("--reps", type=int,
                     help="timed repetitions per number, best reported (default: CPU 2, CUDA 10)")
     args = ap.parse_args()
@@ -895,4 +916,4 @@ if __name__ == "__main__":
     if args.bench or not args.check:
         bench(args.lengths or ([4096, 8192, 16384, 32768] if cuda else [4096, 8192]),
               args.heads or (16 if cuda else 4), args.dim or (128 if cuda else 64), args.block,
-              args.reps or (10 if cuda else 2), args.densities)
+              args.reps or (10 if cuda else 2), args.densities, not args.no_reuse_memory)

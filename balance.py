@@ -51,7 +51,7 @@ import os
 import sys
 import time
 
-from attention import timed, visited_blocks
+from attention import reuse_cpu_memory, timed, visited_blocks
 from batching import SABState, check_plan, n_blocks, padded, plan_batches
 
 # DST's anchor A: the load every unit is tuned to, from the units' loads at k0 (paper: MEAN is the
@@ -720,9 +720,11 @@ def main(argv=None):
         ap.print_help()
         return
     if args.profile:
+        import torch
         if args.threads:
-            import torch
             torch.set_num_threads(args.threads)
+        if not torch.cuda.is_available():
+            reuse_cpu_memory()  # as train.py runs: the table must measure what training pays
         cm = CostModel.profile(args.lengths, args.budgets, n_embd=args.n_embd, n_head=args.n_head,
                                block_size=args.block_size, mlp_ratio=args.mlp_ratio, impl=args.impl)
         cm.save(args.profile)

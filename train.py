@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from attention import reuse_cpu_memory
 from balance import ANCHORS, BALANCE, Balancer, CostModel
 from batching import padded
 from data import chunk, draw_mix, load_documents, passkey_sample
@@ -518,6 +519,8 @@ def main(argv=None):
     master = rank == 0
     print0 = (lambda *a: tqdm.write(" ".join(map(str, a)))) if master else (lambda *a: None)
     torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        reuse_cpu_memory()  # no page faults for the step's large tensors (attention.py)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # Everything that can fail on bad input fails here, before a checkpoint is touched.

@@ -5,6 +5,8 @@ TRITON_INTERPRET=1 on CPU (set in conftest.py), so its shapes are tiny."""
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -398,3 +400,23 @@ def test_bench_prints_every_row(capsys):
     A.bench([128], heads=1, dim=16, block=16, reps=1, densities=(1, 1 / 4))
     out = capsys.readouterr().out
     assert "failed" not in out and len(out.strip().splitlines()) == 3 + 2   # header + 2 densities
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning: Linux only")
+@pytest.mark.parametrize("reuse", [False, True])
+def test_reuse_cpu_memory_stops_page_faults_on_large_tensors(reuse):
+    """With reuse_cpu_memory, a 64 MB tensor allocated again after being freed comes back without
+    page faults (its pages stay in the process); without it, glibc returns it to the OS and every
+    4 KB page faults in again (16384 of them). Run in a fresh process: the setting is process-wide."""
+    code = ("import resource, torch, attention\n"
+            f"assert attention.reuse_cpu_memory() or not {reuse}\n" if reuse else
+            "import resource, torch\n")
+    code += ("def touch():\n    x = torch.ones(16 << 20)\n    del x\n"
+             "touch(); touch()\n"
+             "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+             "touch()\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    faults = int(out.stdout.split()[-1])
+    assert (faults < 1000) if reuse else (faults > 8000)
