@@ -90,7 +90,8 @@ def test_start_and_reset_guard_uncommitted_work(pristine, tmp_path):
     assert run(repo, "git", "init", "-q").returncode == 0
     assert run(repo, "git", "add", "-A").returncode == 0
     assert run(repo, *git, "commit", "-q", "-m", "copy").returncode == 0
-    n = next(n for n in EXERCISES if "batching.py" in open(os.path.join(WORKSHOP, FOLDERS[n], "start.patch")).read())
+    n = next(n for n in EXERCISES
+             if "batching.py" in open(os.path.join(WORKSHOP, FOLDERS[n], "start.patch")).read())
     with open(repo / "batching.py", "a") as f:
         f.write("# a learner's note\n")
     r = run(repo, "start", str(n))
@@ -103,7 +104,8 @@ def test_start_and_reset_guard_uncommitted_work(pristine, tmp_path):
     assert run(repo, "start", str(n)).returncode == 0
     text = open(repo / "batching.py").read()
     with open(repo / "batching.py", "w") as f:    # an attempt where the exercise's stub was
-        f.write(text.replace("    raise NotImplementedError", "    return []  # my attempt\n    raise NotImplementedError"))
+        f.write(text.replace("    raise NotImplementedError",
+                             "    return []  # my attempt\n    raise NotImplementedError"))
     r = run(repo, "reset", str(n))
     assert r.returncode and "--discard" in r.stderr, r.stderr               # refuses: edited
     assert run(repo, "reset", str(n), "--discard").returncode == 0

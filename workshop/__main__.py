@@ -140,14 +140,14 @@ def cmd_reset(a):
 
 # ----------------------------------------------------------------------------- check
 class _Reporter:
-    """pytest plugin: one line per check, in words (the first line of the check's docstring,
+    """pytest plugin: one line per check, in words (the first paragraph of the check's docstring,
     formatted with its parameters), and the failure's message or exception."""
 
     def __init__(self):
         self.passed, self.failed, self.skipped = [], [], []
 
     def _describe(self, item):
-        doc = (getattr(item, "function", None).__doc__ or item.name).strip().splitlines()[0]
+        doc = " ".join((item.function.__doc__ or item.name).strip().split("\n\n")[0].split())
         params = getattr(getattr(item, "callspec", None), "params", {})
         return doc.format(**params) if params else doc
 

@@ -3,7 +3,6 @@ against the rule itself, brute-forced here from the README's words."""
 import os
 
 import pytest
-import torch
 
 from attention import select_blocks
 from workshop import load
@@ -24,7 +23,8 @@ def rule(t):
     q_t . mean(K_j); keep the budget - 1 best (ties: the lower j) and t's own block."""
     d, i = doc_of(t), t // ex.BLOCK
     first = ex.CU_SEQLENS[d] // ex.BLOCK
-    scores = {j: float(q[0, 0, t] @ k[0, 0, j * ex.BLOCK:(j + 1) * ex.BLOCK].mean(0)) for j in range(first, i)}
+    scores = {j: float(q[0, 0, t] @ k[0, 0, j * ex.BLOCK:(j + 1) * ex.BLOCK].mean(0))
+              for j in range(first, i)}
     best = sorted(scores, key=lambda j: (-scores[j], j))[:ex.BUDGETS[d] - 1]
     return sorted(best) + [i], scores
 

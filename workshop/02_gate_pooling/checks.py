@@ -28,7 +28,8 @@ def keys(seed, kind, B=1, H=4, T=1024, D=32, bs=16):
     else:
         k = 0.3 * torch.randn(B, H, nb, bs, D, generator=g)
         at = torch.randint(0, bs, (B, H, nb), generator=g)
-        k.scatter_(3, at[..., None, None].expand(B, H, nb, 1, D), 4 * torch.randn(B, H, nb, 1, D, generator=g))
+        spike = 4 * torch.randn(B, H, nb, 1, D, generator=g)
+        k.scatter_(3, at[..., None, None].expand(B, H, nb, 1, D), spike)
     return q, k.flatten(2, 3)
 
 
@@ -45,7 +46,8 @@ def test_pool_keys_max():
 
 
 def test_gate_follows_the_max_pooled_rule():
-    """With GATE_POOL = "max", select_blocks keeps the best blocks by q . max(K) (brute force, packed documents)"""
+    """With GATE_POOL = "max", select_blocks keeps the best blocks by q . max(K) (brute force,
+    packed documents)"""
     g = torch.Generator().manual_seed(1)
     q = torch.randint(-2, 3, (1, 2, 128, 16), generator=g).float()    # small integers: ties
     k = torch.randint(-2, 3, (1, 2, 128, 16), generator=g).float()
@@ -56,7 +58,8 @@ def test_gate_follows_the_max_pooled_rule():
         for t in range(128):
             d = 0 if t < cu[1] else 1
             i, first = t // bs, cu[d] // bs
-            score = {j: float(q[0, h, t] @ k[0, h, j * bs:(j + 1) * bs].max(0).values) for j in range(first, i)}
+            score = {j: float(q[0, h, t] @ k[0, h, j * bs:(j + 1) * bs].max(0).values)
+                     for j in range(first, i)}
             want = sorted(sorted(score, key=lambda j: (-score[j], j))[:budget[d] - 1]) + [i]
             got = sel.block_idx[0, h, t, :int(sel.block_cnt[0, h, t])].tolist()
             assert got == want, (

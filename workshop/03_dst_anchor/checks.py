@@ -47,7 +47,8 @@ def batch(seed, n=16):
 
 
 def test_dst_meets_the_median_anchor():
-    """tune_budgets(anchor="median"): the anchor is the median load at k0; no unit ends above it (or above a straggler stuck at budget 1)"""
+    """tune_budgets(anchor="median"): the anchor is the median load at k0; no unit ends above it
+    (or above a straggler stuck at budget 1)"""
     anchor()
     cm = CostModel.analytic(block_size=256, n_embd=2048, n_head=16, mlp_ratio=8)
     for seed in range(10):
@@ -66,7 +67,8 @@ def test_dst_meets_the_median_anchor():
 
 
 def test_command_lines_accept_median(capsys):
-    """train.py --anchor median and experiments/simulate.py --anchor median are accepted (their choices come from ANCHORS)"""
+    """train.py --anchor median and experiments/simulate.py --anchor median are accepted (their
+    choices come from ANCHORS)"""
     anchor()
     import train
     train.check_args(train.get_args(["--anchor", "median"]))
@@ -76,11 +78,13 @@ def test_command_lines_accept_median(capsys):
 
 
 def test_the_simulated_ablation_by_anchor():
-    """Observe: simulated '+ SAB + DST' by anchor (speedup, mean budget, coverage); median lies between min and max"""
+    """Observe: simulated '+ SAB + DST' by anchor (speedup, mean budget, coverage); the median
+    lies between min and max"""
     anchor()
     cm = CostModel.analytic(block_size=256, n_embd=2048, n_head=16, mlp_ratio=8)
     configs = [c for c in simulate.ABLATION if c[0] in ("baseline", "+ SAB + DST")]
-    print("\n        mix       anchor   speedup  mean budget  mean coverage   (+ SAB + DST, k0 32, p 0.1, DP 2 x PP 4)")
+    print("\n        mix       anchor   speedup  mean budget  mean coverage   "
+          "(+ SAB + DST, k0 32, p 0.1, DP 2 x PP 4)")
     for mix in ("bimodal", "longtail"):
         budget = {}
         for a in ("min", "median", "mean", "max"):

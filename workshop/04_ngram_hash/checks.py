@@ -19,7 +19,8 @@ def exact(window, vocab, size, order):
 
 
 def test_by_hand():
-    """V = 257, tables of 1000 rows: (5 + 3 x 257) mod 1000 = 776 and (5 + 3 x 257 + 2 x 257^2) mod 1000 = 874"""
+    """V = 257, tables of 1000 rows: (5 + 3 x 257) mod 1000 = 776 and
+    (5 + 3 x 257 + 2 x 257^2) mod 1000 = 874"""
     sizes = [1000, 1000]                                       # an order-2 and an order-3 table
     powers = ngram_powers(257, sizes, [2, 3], 3)               # [[1, 257, 0], [1, 257, 49]]
     got = ngram_hash(torch.tensor([[5, 3, 2]]), powers, torch.tensor(sizes))
@@ -30,7 +31,8 @@ def test_by_hand():
 
 
 def test_exact_at_the_papers_scale():
-    """V = 131072, N = 5, K = 2, ratio 10.37 (LongCat-like): equal to exact integer arithmetic, no int64 overflow"""
+    """V = 131072, N = 5, K = 2, ratio 10.37 (LongCat-like): equal to exact integer arithmetic,
+    no int64 overflow"""
     V, N, K = 131072, 5, 2
     sizes = ngram_table_sizes(10.37, V, (N - 1) * K)
     orders = [2 + c // K for c in range((N - 1) * K)]
@@ -47,7 +49,8 @@ def test_exact_at_the_papers_scale():
 
 
 def test_each_term_reduced():
-    """Tables of 10^12 rows, a vocabulary of 8 million: each term reduced before the sum (int64 holds one product, not five)"""
+    """Tables of 10^12 rows, a vocabulary of 8 million: each term reduced before the sum (int64
+    holds one product, not five)"""
     V, sizes, N = 8_000_000, [10 ** 12 + 39, 10 ** 12 + 41], 5
     rng = random.Random(1)
     windows = [[rng.randrange(V) for _ in range(N)] for _ in range(40)]
@@ -73,7 +76,8 @@ def test_the_embedding_uses_it():
 
 
 def test_collisions_at_multiples_of_v():
-    """Observe: shares of distinct n-grams that share a bucket, at and off integer multiples of V (400 KB of stdlib sources)"""
+    """Observe: shares of distinct n-grams that share a bucket, at and off integer multiples of V
+    (400 KB of stdlib sources)"""
     from data import corpus_tokens
     from ngram_report import buckets, collided, distinct_ngrams
     V = 257

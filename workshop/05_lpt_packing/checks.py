@@ -5,8 +5,6 @@ References are independent of the code under test: hand-traced packings, LPT's t
 import itertools
 import random
 
-import pytest
-
 import batching
 from batching import check_plan, imbalance, plan_batches
 
@@ -134,7 +132,7 @@ def test_balanced_beats_round_robin():
         rows.append({p: imbalance(plan_batches(lengths, 4, 4, p, cost=cost), costs)["rank"]
                      for p in ("naive", "lbb", "sab")})
     mean = {p: sum(r[p] for r in rows) / len(rows) for p in rows[0]}
-    print(f"\n        rank imbalance over 20 bimodal batches (16 samples, 4 ranks x 4 microbatches): "
+    print("\n        rank imbalance over 20 bimodal batches (16 samples, 4 ranks x 4 microbatches): "
           + ", ".join(f"{p} {v:.3f}" for p, v in mean.items()))
     assert mean["sab"] < mean["naive"] and mean["lbb"] < mean["naive"], (
         f"mean rank imbalance {mean}: packing by cost should beat round-robin")

@@ -49,7 +49,8 @@ def test_sure_accept_and_sure_reject():
         f"{B} rounds rejected it. Accept when u < p/q with u uniform in [0, 1)")
     p = torch.tensor([[0., .5, .5], [.1, .1, .8]]).expand(B, 2, 3)
     n, nxt = run(p, q, torch.zeros(B, 1, dtype=torch.long))
-    assert bool((n == 0).all()), f"draft 0 has p = 0: it must always be rejected, got n = {n.unique().tolist()}"
+    assert bool((n == 0).all()), (
+        f"draft 0 has p = 0: it must always be rejected, got n = {n.unique().tolist()}")
     assert bool((nxt != 0).all()), (
         "after rejecting token 0 (p = 0) the replacement was token 0 again: sample the replacement "
         "from normalize(max(p - q, 0)), not from q")
@@ -99,7 +100,8 @@ def test_emitted_tokens_follow_the_target():
     c1 = torch.bincount(first, minlength=V).float()
     stat, df = chi2(c1, p[0])
     assert stat < chi2_limit(df), (
-        f"the first emitted token's counts {c1.long().tolist()} do not follow p = {p[0].numpy().round(2).tolist()} "
+        f"the first emitted token's counts {c1.long().tolist()} do not follow "
+        f"p = {p[0].numpy().round(2).tolist()} "
         f"(chi-square {stat:.0f} > {chi2_limit(df):.0f}). Accept with probability min(1, p/q); "
         "on rejection, sample from max(p - q, 0) normalised")
     two = second >= 0
@@ -107,7 +109,8 @@ def test_emitted_tokens_follow_the_target():
     stat, df = chi2(c2, p[1])
     assert stat < chi2_limit(df), (
         f"the second emitted token's counts {c2.long().tolist()} do not follow p[1] = "
-        f"{p[1].numpy().round(2).tolist()} (chi-square {stat:.0f}): after an accepted first draft, the second is "
+        f"{p[1].numpy().round(2).tolist()} (chi-square {stat:.0f}): after an accepted first draft, "
+        "the second is "
         "judged by p[:, 1] and q[:, 1]")
     assert chi2(c1, q[0])[0] > 10 * chi2_limit(df), "the check has no power: p and q look alike"
 

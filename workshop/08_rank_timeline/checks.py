@@ -57,7 +57,8 @@ def test_lbb_slowest_rank():
     slow = max(range(tl.RANKS), key=lambda r: stats["lbb"]["totals"][r])
     want = sum(len(m) for m in plan[slow])
     got = answer("DOCS_ON_SLOWEST_RANK_LBB")
-    assert got == want, f"{got} is not it: count the tokens@budget entries of the longest bar under --balance lbb"
+    assert got == want, (
+        f"{got} is not it: count the tokens@budget entries of the longest bar under --balance lbb")
 
 
 def test_where_the_idle_time_went():
@@ -65,7 +66,7 @@ def test_where_the_idle_time_went():
     _, targets, _ = steps["sab+dst"]
     moved = sum(t != min(tl.K0, -(-x // tl.BLOCK)) for t, x in zip(targets, tl.LENGTHS))
     sab_did_it = stats["sab"]["idle"] <= 0.1 * stats["none"]["idle"] and moved <= len(targets) // 4
-    assert sab_did_it, "the timeline no longer supports the choices in answers.py: the exercise needs updating"
+    assert sab_did_it, "the timeline no longer supports the choices in answers.py: update the exercise"
     got = answer("WHERE_IDLE_WENT")
     assert got == "b", (
         f"not {got!r}: compare --balance sab (no DST at all) with sab+dst. How much idle time is "
