@@ -232,7 +232,7 @@ def test_dst_anchors_and_rank_scale():
 
 def test_dst_bad_inputs():
     lengths, cm, plan = dst_case(0)
-    for kw, msg in ((dict(anchor="median"), "anchor"), (dict(k0=0), "k0"), (dict(k0=2.5), "k0"),
+    for kw, msg in ((dict(anchor="average"), "anchor"), (dict(k0=0), "k0"), (dict(k0=2.5), "k0"),
                     (dict(block_size=128), "block_size"), (dict(unit="node"), "unit"),
                     (dict(rank_scale=[1.0, float("nan"), 1.0, 1.0]), "rank_scale"),
                     (dict(rank_scale=[1.0]), "rank_scale")):
