@@ -17,6 +17,7 @@ import torch
 import checkpoint
 import train
 from data import EOS, chunk, load_documents
+from model import GPTConfig
 from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,7 +225,7 @@ def test_step_runs_dst_targets_raised_to_each_layers_floor():
     """DST's second half inside the layers: `step` runs each sample at its target, every layer
     raises it to its own coverage floor, and the budgets it reports are the ones the model used."""
     torch.manual_seed(0)
-    cfg = train.GPTConfig(n_layer=2, n_head=2, n_embd=32, max_seq_len=512, attn_block=32, topk=4)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, max_seq_len=512, attn_block=32, topk=4)
     gpt = GPT(cfg)
     params = list(gpt.parameters())
     rng = np.random.default_rng(0)

@@ -70,8 +70,9 @@ def test_command_lines_accept_median(capsys):
     """train.py --anchor median and experiments/simulate.py --anchor median are accepted (their
     choices come from ANCHORS)"""
     anchor()
+    import config
     import train
-    train.check_args(train.get_args(["--anchor", "median"]))
+    config.check_args(train.get_args(["--anchor", "median"]))
     simulate.main(["--anchor", "median", "--steps", "2", "--mixes", "bimodal", "--bench-repeats", "1"])
     out = capsys.readouterr().out
     assert "anchor median" in out and "| + SAB + DST |" in out, "experiments/simulate.py printed no table"
