@@ -240,6 +240,19 @@ def step(model, params, samples, plan_r, targets, layer_args, n_global, world, d
     return loss_sum.item(), wall, cpu, used
 
 
+def gather_step(s, plan, loss_sum, wall, cpu, used, n_global, world, device):
+    """The one collective after the step: every rank's loss sum, compute times and the budgets its
+    layers used, with a digest of the plan each rank computed on its own (they must all agree).
+    -> (mean loss over the step's tokens, wall [world], cpu [world], used budgets [n_layer][S])."""
+    digest = zlib.crc32(repr((plan.plan, plan.targets)).encode())
+    gathered = all_gather_row([loss_sum, wall, cpu, digest] + used.flatten().tolist(), world, device)
+    if (gathered[:, 3] != digest).any():
+        raise TrainingError(f"step {s + 1}: the ranks planned different batches or budgets "
+                            "(the plan must be a pure function of inputs every rank holds)")
+    used = gathered[:, 4:].sum(0).view(len(used), -1).round().long().tolist()  # one rank each
+    return gathered[:, 0].sum().item() / n_global, gathered[:, 1], gathered[:, 2], used
+
+
 # ------------------------------------------------------------------------------------------------
 # Setting a run up: data, cost model, resume
 
@@ -446,16 +459,7 @@ def main(argv=None):
         n_global = float(sum(lengths))
         loss_sum, wall, cpu, used = step(model, params, samples, plan.plan[rank], plan.targets,
                                          bal.layer_args(), n_global, world, device, ctx)
-        # The one collective after the step: losses, compute times, the budgets every layer used,
-        # and a digest of the plan each rank computed on its own (they must all agree).
-        digest = zlib.crc32(repr((plan.plan, plan.targets)).encode())
-        gathered = all_gather_row([loss_sum, wall, cpu, digest] + used.flatten().tolist(), world, device)
-        if (gathered[:, 3] != digest).any():
-            raise TrainingError(f"step {s + 1}: the ranks planned different batches or budgets "
-                                "(the plan must be a pure function of inputs every rank holds)")
-        loss = gathered[:, 0].sum().item() / n_global
-        walls, cpus = gathered[:, 1], gathered[:, 2]
-        used = gathered[:, 4:].sum(0).view(cfg.n_layer, -1).round().long().tolist()  # one rank each
+        loss, walls, cpus, used = gather_step(s, plan, loss_sum, wall, cpu, used, n_global, world, device)
         norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         skipped = not (math.isfinite(loss) and torch.isfinite(norm))  # same on every rank: same grads
         skips = skips + 1 if skipped else 0
