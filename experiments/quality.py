@@ -6,6 +6,8 @@ trade-off, on the same data and seeds (issue 11; docs/quality.md holds the table
     python experiments/quality.py timeline --nproc 4 --cost-model out/bench_balance/cost_model.json \\
         --measured out/bench_balance          # one step's microbatches per rank, none vs sab+dst
     python experiments/quality.py learn --nproc 0 --steps 3000    # needle accuracy by step, one run
+    python experiments/quality.py induction --ckpt out/quality_learn/learn-s1/ckpt.pt   # does it copy?
+    python experiments/quality.py induction --steps 400 -- ngram_amp=none   # induction on a toy task
     python experiments/quality.py curves --steps 1800 --seeds 1 2 3 --out out/quality_full   # ~10 CPU-min a run
     python experiments/quality.py curves --device cuda --nproc 8 --preset gpu --steps 2000 \\
         --seeds 1 2 --out out/quality_gpu -- --passkey-frac 0.5            # the GPU version (>= 2 GPUs)
@@ -41,9 +43,10 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import train  # noqa: E402
-from model import GPT  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 ARMS = ("dense", "k0", "sabdst", "dstmean")
 LABEL = {"dense": "dense", "k0": "MoBA k0", "sabdst": "MoBA sab+dst", "dstmean": "MoBA at DST's mean"}
@@ -321,6 +324,58 @@ def cmd_learn(a):
               f"{c(T, k0)} | {c(T, dense)} | {c(T, 'dst')} ({e['needle_dst_budget']:.2f}) |")
 
 
+# ------------------------------------------------------------------------------ induction
+def induction_losses(model, n=8, period=40, passes=3, seed=0):
+    """Mean next-token loss (nats) on each pass of n random 26-letter strings of `period` tokens,
+    each repeated `passes` times, at the dense budget: a model with an induction head (copy what
+    followed the earlier occurrence of the current context, what passkey retrieval needs) predicts
+    the repeats, so passes 2.. fall far below pass 1; one without has the same loss on every pass."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(np.tile(rng.integers(97, 123, (n, period)), passes)).long()
+    cfg = model.config
+    ce = 0
+    with torch.no_grad():
+        for row in x:  # one string at a time
+            logits, _ = model(row[None, :-1], topk=-(-cfg.max_seq_len // cfg.attn_block))
+            ce = ce + F.cross_entropy(logits[0].float(), row[1:], reduction="none") / n
+    return [ce[max(0, i * period - 1):(i + 1) * period - 1].mean().item() for i in range(passes)]
+
+
+def cmd_induction(a):
+    """With --ckpt: does a trained model copy (`induction_losses`)? Without: how many steps does
+    the bare model (2 layers, width 128, 4 heads, rows of 128, blocks of 16, dense) need to form an
+    induction head on the easiest data there is, rows that are random letter strings of 10-59
+    tokens tiled (16 rows a step, every token counted, AdamW 3e-3, clipped at 1)? GPTConfig fields
+    after `--` (e.g. -- ngram_amp=none n_head=2). Prints the loss on the first 9 and the last 60
+    targets of the step's rows (the latter copyable) every 50 steps."""
+    if a.ckpt:
+        model = GPT.from_checkpoint(a.ckpt).eval()
+        print(f"{a.ckpt}: loss per pass of a 40-letter string repeated 3 times (nats):",
+              " ".join(f"{x:.3f}" for x in induction_losses(model)))
+        return
+    kw = dict(n_layer=2, n_head=4, n_embd=128, max_seq_len=128, attn_block=16, topk=8)
+    for e in a.extra:
+        k, v = e.split("=")
+        kw[k] = type(getattr(GPTConfig, k))(v)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**kw))
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-3, betas=(0.9, 0.95))
+    rng, c0 = np.random.default_rng(0), time.process_time()
+    for s in range(a.steps):
+        x = np.stack([np.resize(rng.integers(97, 123, int(rng.integers(10, 60))), 128) for _ in range(16)])
+        x = torch.from_numpy(x).long()
+        logits, _ = model(x[:, :-1])
+        ce = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+        ce.mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if (s + 1) % 50 == 0:
+            print(f"step {s + 1}: first 9 {ce[:, :9].mean().item():.3f}, last 60 {ce[:, 67:].mean().item():.3f} "
+                  f"nats ({time.process_time() - c0:.0f} CPU s)", flush=True)
+
+
 def simulate_row(anchor, p, steps):
     """experiments/simulate.py at (anchor, p): the '+ SAB + DST' row of mix (a) -> (speedup, mean
     budget, mean coverage). Simulated: analytic cost model of a 3B-like layer, no model runs."""
@@ -448,7 +503,7 @@ def main(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=("curves", "anchors", "timeline", "learn"))
+    ap.add_argument("command", choices=("curves", "anchors", "timeline", "learn", "induction"))
     ap.add_argument("--preset", default="needle", help="train.py preset of every run")
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="seeds (anchors: the first)")
@@ -467,13 +522,15 @@ def main(argv=None):
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--step", type=int, default=0, help="timeline: which step's samples (0 = first)")
     ap.add_argument("--run", default=None, help="learn: the run's folder name in --out (default learn-s<seed>)")
+    ap.add_argument("--ckpt", default=None, help="induction: a checkpoint to test (else train the toy)")
     ap.add_argument("--eval-every", type=int, default=250, help="learn: needle evaluation every N steps")
     ap.add_argument("--cost-model", default="analytic", help="timeline: analytic or a balance.py JSON")
     ap.add_argument("--measured", default=None, help="timeline: a bench_balance.sh OUT folder; its "
                     "r<nproc>-<policy>/metrics.jsonl give the measured compute of the same step per rank")
     a = ap.parse_args(argv)
     a.extra = extra
-    {"curves": cmd_curves, "anchors": cmd_anchors, "timeline": cmd_timeline, "learn": cmd_learn}[a.command](a)
+    {"curves": cmd_curves, "anchors": cmd_anchors, "timeline": cmd_timeline, "learn": cmd_learn,
+     "induction": cmd_induction}[a.command](a)
 
 
 if __name__ == "__main__":

@@ -133,3 +133,16 @@ def test_quality_driver_runs_a_tiny_case(tmp_path):
     res = [json.loads(line) for line in open(out / "results.jsonl")]
     assert sorted(x["arm"] for x in res) == ["dense", "k0"]
     assert all(0 < x["val_bpb"] < 20 and "T128_k2" in x["needle"] for x in res)
+
+
+def test_induction_losses_tell_a_copying_model_from_a_blind_one():
+    """The repeated-string probe (quality.py induction): the copying oracle predicts every repeat,
+    so its later passes cost a tenth of the first or less (the first tokens after a boundary,
+    whose context spans it, are new to it); uniform logits cost the same on every pass."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import quality
+    cfg = stub_config()
+    first, *later = quality.induction_losses(CopyModel(cfg, window=3))
+    assert first > 3 and max(later) < first / 10, (first, later)
+    blind = quality.induction_losses(CopyModel(cfg, oracle=False))
+    assert max(blind) - min(blind) < 1e-6 and blind[0] > 3, blind
