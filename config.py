@@ -149,10 +149,12 @@ def build_config(args):
     if args.variant:
         # The COMPARE of experiments/ngram_report.py at any width: a dense SwiGLU FFN of hidden h;
         # 4 experts of hidden h/2 routed top-2 = the same active parameters; N-gram tables holding
-        # the MoE's extra parameters = the same total. Total parameters are linear in the table ratio: solve for it.
+        # the MoE's extra parameters = the same total. Total parameters are linear in the table
+        # ratio: solve for it.
         h = GPTConfig(**dict(kw, ffn_hidden=0)).hidden
         moe = dict(ngram_n=0, n_experts=4, expert_topk=2, ffn_hidden=h // 2)
-        kw.update(dict(dense=dict(ngram_n=0, n_experts=0), moe=moe, ngram=dict(n_experts=0, ngram_n=3, ngram_k=2))[args.variant])
+        arms = dict(dense=dict(ngram_n=0, n_experts=0), moe=moe, ngram=dict(n_experts=0, ngram_n=3, ngram_k=2))
+        kw.update(arms[args.variant])
         if args.variant == "ngram":
             target = GPT(GPTConfig(**dict(kw, **moe))).num_params()
             n1, n2 = (GPT(GPTConfig(**dict(kw, ngram_ratio=r))).num_params() for r in (1.0, 2.0))

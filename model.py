@@ -13,7 +13,8 @@ GPT, decoding cache. The collision and parameter reports are experiments/ngram_r
   Decoding runs the same gate over the KV cache's block-mean keys: generation is as sparse as
   training, and prefill + decode gives the logits of one full forward.
 - Optional mixture of experts FFN with top-k softmax routing and a load-balancing loss (the
-  paper's baseline grows experts); optional n-gram draft head (the paper proposes it as a nearly free drafter).
+  paper's baseline grows experts); optional n-gram draft head (the paper proposes it as a nearly
+  free drafter).
 """
 import math
 import os
@@ -110,8 +111,8 @@ class GPTConfig:
 
 def ngram_table_sizes(ratio, vocab, n_tables):
     """Rows of sub-table c = 0..n_tables-1: int(ratio * vocab + 2c + 1), exactly as the paper's
-    released configuration sizes them (truncated, not rounded: one row fewer whenever the fraction of ratio * vocab is
-    at least 0.5). Consecutive tables differ by 2 rows, so the K tables of one order have different
+    released configuration sizes them (truncated, not rounded: one row fewer whenever the fraction
+    of ratio * vocab is at least 0.5). Consecutive tables differ by 2 rows, so the K tables of one order have different
     moduli and an n-gram rarely collides in all of them."""
     return [int(ratio * vocab + 2 * c + 1) for c in range(n_tables)]
 
@@ -354,7 +355,7 @@ class GPT(nn.Module):
         self.norm_f = nn.RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from E0
         self.draft_head = nn.Linear(config.n_embd, config.vocab_size, bias=False) if config.ngram_draft_head else None
-        for name, p in self.named_parameters():                        # GPT-2 init: std 0.02, residual projections / sqrt(2L)
+        for name, p in self.named_parameters():  # GPT-2 init: std 0.02, residual outputs / sqrt(2L)
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
                 nn.init.normal_(p, std=std)
