@@ -481,7 +481,7 @@ def needle_eval(model, filler, length, budget, n, seed, p=0.1, ctx=nullcontext()
     with its needle at depth (i + 0.5) / n, so every depth band is asked.
 
     Free running: the prompt (everything up to "The passkey is ") is prefilled into the KV cache
-    and the answer generated greedily by `infer.generate`, i.e. through sparse decoding at the same
+    and the answer generated greedily by `generate`, i.e. through sparse decoding at the same
     budget; a hit is an exact match of all five digits. Teacher forced (second score): one forward
     over the whole document, a hit when the argmax at every answer position is the right digit
     (the model sees the earlier answer digits as inputs). budget: an int (every layer), or "dst":

@@ -46,6 +46,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import train  # noqa: E402
+from balance import ANCHORS  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 ARMS = ("dense", "k0", "sabdst", "dstmean")
@@ -511,7 +512,8 @@ def main(argv=None):
     ap.add_argument("--nproc", type=int, default=2, help="ranks per run under torchrun (0 = one plain "
                     "process, no torchrun); timeline: ranks of the plot")
     ap.add_argument("--p", type=float, default=0.1, help="DST threshold of the sabdst arm and of k=dst")
-    ap.add_argument("--anchors", nargs="+", default=["mean", "min", "max"])
+    ap.add_argument("--anchors", nargs="+", default=list(ANCHORS), choices=list(ANCHORS),
+                    help="anchors: DST anchors to run (balance.ANCHORS)")
     ap.add_argument("--ps", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--sim-steps", type=int, default=100, help="anchors: experiments/simulate.py --steps")
     ap.add_argument("--needle-docs", type=int, default=16, help="documents per needle cell")
