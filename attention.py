@@ -675,8 +675,8 @@ def reuse_cpu_memory():
     """Keep freed memory inside this process (glibc malloc on Linux) instead of handing every block
     above 32 MB back to the OS. The CPU path allocates tensors of tens of MB per call (gathered
     tiles, partial outputs, gradients); returned to the OS, each is page-faulted back in on the
-    next call, which cost about a quarter of its time at T = 8192 (docs/attention.md). This is what a
-    caching allocator does on GPUs; train.py and the benchmark call it on CPUs. Process-wide; a
+    next call, which cost about a quarter of its time at T = 8192 (docs/attention.md). This is
+    what a caching allocator does on GPUs; train.py and the benchmark call it on CPUs. Process-wide; a
     no-op (False) where glibc is absent."""
     if sys.platform != "linux":
         return False
@@ -691,7 +691,8 @@ def reuse_cpu_memory():
 
 def budget_for_density(nq, density):
     """Smallest budget whose visited blocks reach `density` of dense causal's."""
-    return next(kb for kb in range(1, nq + 1) if visited_blocks(nq, kb) >= density * visited_blocks(nq, nq))
+    want = density * visited_blocks(nq, nq)
+    return next(kb for kb in range(1, nq + 1) if visited_blocks(nq, kb) >= want)
 
 
 def timed(fns, reps, cuda=False, warmup=None, desc=None):
@@ -749,7 +750,8 @@ def _union_over_pairs(sel, block_size):
     return union * block_size / (tiles * TILE)
 
 
-def bench(lengths, heads, dim, block, reps, densities=(1, 1 / 2, 1 / 4, 1 / 8, 1 / 16), keep_memory=True):
+def bench(lengths, heads, dim, block, reps, densities=(1, 1 / 2, 1 / 4, 1 / 8, 1 / 16),
+          keep_memory=True):
     """Print gate ms, forward ms, forward+backward ms of token-level MoBA at several densities
     next to dense causal SDPA (flash backend on CUDA), timed in turn with each row; on CUDA also
     FlexAttention with the same mask, checked equal before it is timed, and peak memory."""

@@ -30,7 +30,7 @@ Public API (stable):
         res.anchor, res.units, res.loads_k0, res.loads, res.shortfalls
     bal = Balancer(cm, world, "sab+dst", k0=32, p=0.1, anchor="mean", n_layer=...)
         step = bal.plan(lengths)             # identical on every rank, no communication
-        model(..., **step.layer_args())      # the per-layer half: targets, k0, p
+        model(..., topk=step.targets, **bal.layer_args())   # per-layer half: k0, p
         bal.observe(step, used_budgets, measured_seconds)
     check_cost_model(cm, points=None) -> [(length, budget, measured s, predicted s)]
     one_f_one_b(latencies, pp, fwd_frac) -> seconds of one 1F1B pipeline (DST's growth cap)
@@ -450,7 +450,8 @@ def tune_budgets(plan, lengths, cost_model, anchor="mean", k0=32, unit="rank", k
     unit: "rank" (per-rank sum, data-parallel training) or "microbatch" (the paper's unit, for
     pipelines). A unit's load is what runs: each microbatch one packed row
     (CostModel.predict_microbatch). Within a unit one level is searched (bisection; loads grow
-    with it), one block of one sample per step (see `budgets_at`). rank_scale: per-rank factors (OnlineCorrection).
+    with it), one block of one sample per step (see `budgets_at`). rank_scale: per-rank
+    factors (OnlineCorrection).
     """
     lengths = list(lengths)
     S = len(lengths)
