@@ -59,12 +59,16 @@ def read_checkpoint(path):
     return ckpt
 
 
+# Training flags added after some checkpoints were written, with the value those runs had.
+ADDED_FLAGS = {"copy_frac": 0.0, "induction_steps": 0}
+
+
 def check_resume(ckpt, path, config, args, must_match, allow_changes=False):
     """A resumed run must continue the same training: the model's fields must match the
     checkpoint's (they shape the weights) and so must the training flags in `must_match`, unless
     `allow_changes`. The data path is compared normalised (DIR/ equals DIR, links resolved)."""
     def flag(d, k):
-        return os.path.realpath(d[k]) if k == "data" and d.get(k) else d.get(k)
+        return os.path.realpath(d[k]) if k == "data" and d.get(k) else d.get(k, ADDED_FLAGS.get(k))
     bad = [k for k, v in dataclasses.asdict(config).items() if ckpt["config"].get(k) != v]
     bad += [k for k in ckpt["config"] if not hasattr(config, k)]  # a field this GPTConfig lacks
     flags = [] if allow_changes else ["--" + k.replace("_", "-") for k in must_match

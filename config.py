@@ -67,6 +67,12 @@ def parse_args(argv, presets, description=None):
     a("--eval-samples", type=int, help="validation samples per evaluation")
     a("--passkey-frac", type=float, default=None, help="share of training samples replaced by "
       "synthetic passkey documents (default 0, preset needle 0.5); > 0 also turns on needle evaluation")
+    a("--copy-frac", type=float, default=None, help="share of training samples replaced by a random "
+      "string repeated to the sample's length (default 0, preset needle 0.25): copying is what forms the "
+      "induction heads needle retrieval needs; passkey + copy shares must sum to at most 1")
+    a("--induction-steps", type=int, default=None, help="a warm-up stage: the first N steps train on "
+      "copy strings only, attending densely (default 0, preset needle 500); sparse routing at random "
+      "init and the other data both slow the induction heads that retrieval needs (docs/quality.md)")
     a("--needle-docs", type=int, default=8, help="needle evaluation: passkey documents per (context "
       "length, budget) cell, generated free running and scored teacher forced (0 = skip it)")
     a("--ckpt-every", type=int, help="checkpoint every N steps (0 = only at the end)")
@@ -97,6 +103,8 @@ def parse_args(argv, presets, description=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.passkey_frac = 0.0 if args.passkey_frac is None else args.passkey_frac
+    args.copy_frac = 0.0 if args.copy_frac is None else args.copy_frac
+    args.induction_steps = 0 if args.induction_steps is None else args.induction_steps
     args.out = args.out or os.path.join("out", args.preset)
     return args
 
@@ -120,6 +128,8 @@ def check_args(args):
         ("grad_clip", args.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
         ("p", 0 <= args.p < 1, "must be in [0, 1)"),
         ("passkey_frac", 0 <= args.passkey_frac <= 1, "must be in [0, 1]"),
+        ("copy_frac", 0 <= args.copy_frac <= 1 - args.passkey_frac,
+         f"must be in [0, 1 - --passkey-frac] = [0, {1 - args.passkey_frac:g}]"),
         ("val_frac", 0 < args.val_frac < 1, "must be in (0, 1)"),
         ("batch_size", 1 <= args.batch_size <= MAX_BATCH, f"must be in [1, {MAX_BATCH}]"),
         ("length_bias", args.length_bias >= 0, "must be >= 0 (0 = uniform, 1 = in proportion to length)"),
@@ -129,7 +139,8 @@ def check_args(args):
     rules += [(k, getattr(args, k) >= 1, "must be at least 1")
               for k in ("steps", "eval_every", "eval_samples", "threads", "max_skips")]
     rules += [(k, getattr(args, k) >= 0, "must be at least 0")
-              for k in ("micro", "warmup", "ckpt_every", "crash_at_step", "stall_at_step", "needle_docs")]
+              for k in ("micro", "warmup", "ckpt_every", "crash_at_step", "stall_at_step", "needle_docs",
+                        "induction_steps")]
     for k, ok, what in rules:
         if not ok:
             raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)!r}: {what}")

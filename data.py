@@ -13,6 +13,7 @@ text files, one text file, or a `.bin` of uint16 tokens.
     corpus_tokens(max_bytes)         -> the default corpus as one token stream (analyses, prompts)
     stdlib_lengths(crop)             -> the default corpus's document lengths (the simulator)
     draw_mix, passkey_sample         -> a step's length mix; a synthetic needle document
+    copy_sample                      -> a snippet repeated to the length (trains induction)
 """
 import os
 import sysconfig
@@ -170,3 +171,18 @@ def passkey_sample(rng, filler, length, depth=None):
     toks = np.concatenate([fill[:at], enc(needle), fill[at:], enc(QUESTION + key), [EOS]]).astype(np.uint16)
     first = len(toks) - 1 - len(key)  # index of the key's first digit in toks
     return toks, np.arange(first - 1, first - 1 + len(key))  # targets y[j] = toks[j + 1]
+
+
+COPY_ALPHABET = np.r_[48:58, 97:123].astype(np.uint16)  # the digits 0-9 and the letters a-z
+
+
+def copy_sample(rng, length, alphabet=COPY_ALPHABET, longest=64):
+    """`length` + 1 tokens: a random string of 8 to `longest` tokens of `alphabet` (at most half
+    the length) repeated back to back. After the first copy every token is predictable only by
+    finding the earlier occurrence of the current context and copying what followed it:
+    induction, the mechanism passkey retrieval needs. Passkey documents alone (5 answer digits
+    each) and repeated text (which the model first learns to predict as text) give it too little
+    signal to form on a CPU budget; random strings leave copying as the only way to lower the loss
+    (docs/quality.md)."""
+    m = int(rng.integers(8, max(9, min(longest, (length + 1) // 2) + 1)))
+    return np.resize(rng.choice(alphabet, m), length + 1).astype(np.uint16)

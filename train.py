@@ -45,11 +45,11 @@ from tqdm import tqdm
 
 from attention import reuse_cpu_memory
 from balance import Balancer, CostModel
-from batching import padded
+from batching import n_blocks, padded
 from checkpoint import (TrainingError, check_resume, lock_out, read_checkpoint, rng_state,
                         save_checkpoint, set_rng_state)
 from config import build_config, parse_args
-from data import chunk, draw_mix, load_documents, passkey_sample
+from data import chunk, copy_sample, draw_mix, load_documents, passkey_sample
 from infer import needle_budgets, needle_eval
 from model import GPT
 
@@ -87,7 +87,8 @@ PRESETS = {
 }
 # Train settings that change the numbers a run produces: a resume must use the same ones to continue
 # exactly (or say --allow-changes). The model's fields must always match (they shape the weights).
-MUST_MATCH = ("data", "seed", "batch_size", "micro", "val_frac", "passkey_frac", "variant", "lr",
+MUST_MATCH = ("data", "seed", "batch_size", "micro", "val_frac", "passkey_frac", "copy_frac", "induction_steps",
+              "variant", "lr",
               "min_lr_frac", "warmup", "steps", "weight_decay", "grad_clip", "balance", "anchor", "p",
               "correction", "length_bias", "mix")
 
@@ -360,12 +361,22 @@ def lr_at(s, args):
 def draw_samples(s, args, cfg, train, lengths, draw):
     """Step s's samples: a function of (seed, step) alone, so a resumed run sees the same data.
     lengths: of the training samples; draw: their sampling probabilities (--length-bias); --mix
-    shapes the lengths; --passkey-frac replaces samples with synthetic needle documents."""
+    shapes the lengths; --passkey-frac replaces samples with synthetic needle documents and
+    --copy-frac with repeated random strings (data.copy_sample), each of a random length; in the
+    first --induction-steps every sample is such a string."""
     rng = np.random.default_rng([args.seed, s])
+    if s < args.induction_steps:  # the warm-up stage: copy strings only
+        return [copy_sample(rng, int(rng.integers(cfg.attn_block, cfg.max_seq_len + 1)))
+                for _ in range(args.batch_size)]
     samples = [train[i] for i in draw_mix(rng, lengths, args.batch_size, args.mix, p=draw)]
-    for j in np.flatnonzero(rng.random(args.batch_size) < args.passkey_frac):
+    u = rng.random(args.batch_size)
+    for j in np.flatnonzero(u < args.passkey_frac):
         L = int(rng.integers(cfg.attn_block, cfg.max_seq_len + 1))
         samples[j] = passkey_sample(rng, train[int(rng.integers(len(train)))], L)[0]
+    if args.copy_frac:  # drawn after the passkey documents, so adding it leaves those unchanged
+        for j in np.flatnonzero((u >= args.passkey_frac) & (u < args.passkey_frac + args.copy_frac)):
+            L = int(rng.integers(cfg.attn_block, cfg.max_seq_len + 1))
+            samples[j] = copy_sample(rng, L)
     return samples
 
 
@@ -456,9 +467,11 @@ def main(argv=None):
         samples = draw_samples(s, args, cfg, train, lengths_all, draw)
         lengths = [len(x) - 1 for x in samples]  # input tokens; batching pads them to blocks
         plan = bal.plan(lengths)  # SAB + DST's targets: the same on every rank, no communication
+        warm = s < args.induction_steps  # the warm-up stage attends densely, without DST
+        targets = [n_blocks(n, cfg.attn_block) for n in lengths] if warm else plan.targets
         n_global = float(sum(lengths))
-        loss_sum, wall, cpu, used = step(model, params, samples, plan.plan[rank], plan.targets,
-                                         bal.layer_args(), n_global, world, device, ctx)
+        loss_sum, wall, cpu, used = step(model, params, samples, plan.plan[rank], targets,
+                                         {} if warm else bal.layer_args(), n_global, world, device, ctx)
         loss, walls, cpus, used = gather_step(s, plan, loss_sum, wall, cpu, used, n_global, world, device)
         norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         skipped = not (math.isfinite(loss) and torch.isfinite(norm))  # same on every rank: same grads
@@ -477,7 +490,8 @@ def main(argv=None):
         # Measured balance, fed back into SAB's budget estimates and the cost model's correction:
         # CPU time on CPUs (what the step would take on dedicated cores), wall time on GPUs.
         times = walls if device.type == "cuda" else cpus
-        obs = bal.observe(plan, used, times.tolist())
+        # (the warm-up stage's dense budgets are not the plan's: nothing to learn from them)
+        obs = dict(mean_budget=float(np.mean(used))) if warm else bal.observe(plan, used, times.tolist())
         dt = time.perf_counter() - t_step
         return dict(step=s + 1, loss=loss, lr=lr, grad_norm=norm.item(), skipped=skipped, step_time=dt,
                     compute=walls.tolist(), compute_cpu=cpus.tolist(), critical_path=times.max().item(),

@@ -16,7 +16,7 @@ import torch
 
 import checkpoint
 import train
-from data import EOS, chunk, load_documents
+from data import COPY_ALPHABET, EOS, chunk, load_documents
 from model import GPTConfig
 from model import GPT
 
@@ -242,3 +242,52 @@ def test_step_runs_dst_targets_raised_to_each_layers_floor():
     assert gpt.used_budgets.tolist() == used[:, [1, 2]].tolist()
     _, _, _, fixed = train.step(*args, {}, 830.0, 1, torch.device("cpu"), nullcontext())
     assert (fixed == np.array(targets)).all()                       # no p: the targets as given
+
+
+def test_copy_sample_repeats_one_random_string():
+    rng = np.random.default_rng(3)
+    for length in (16, 63, 200, 512):
+        toks = train.copy_sample(rng, length)
+        assert len(toks) == length + 1 and np.isin(toks, COPY_ALPHABET).all()
+        # the smallest period: every token equals the one m earlier, and at least two copies fit
+        m = next(m for m in range(1, length + 1) if (toks[m:] == toks[:-m]).all())
+        assert 8 <= m <= min(64, (length + 1) // 2)
+
+
+def test_copy_frac_replaces_other_samples_and_keeps_passkey_ones():
+    args = train.get_args(["--preset", "needle", "--batch-size", "64", "--passkey-frac", "0.3"])
+    cfg = train.build_config(args)
+    train_docs = [np.arange(600, dtype=np.uint16) % 90 + 32 for _ in range(4)]
+    lengths = [len(d) for d in train_docs]
+    base = train.draw_samples(5, args, cfg, train_docs, lengths, None)
+    args.copy_frac = 0.4
+    mixed = train.draw_samples(5, args, cfg, train_docs, lengths, None)
+    is_key = lambda s: b"The passkey is" in bytes(s.astype(np.uint8))  # noqa: E731
+    is_copy = lambda s: np.isin(s, COPY_ALPHABET).all()  # noqa: E731  (the docs hold other bytes)
+    keys = [i for i, s in enumerate(base) if is_key(s)]
+    assert keys and keys == [i for i, s in enumerate(mixed) if is_key(s)]
+    assert all((base[i] == mixed[i]).all() for i in keys)
+    copies = [i for i, s in enumerate(mixed) if is_copy(s)]
+    assert 10 <= len(copies) <= 40 and not set(copies) & set(keys)
+    assert not any(is_copy(s) for s in base)
+
+
+def test_copy_frac_must_leave_room_for_the_passkey_share():
+    with pytest.raises(ValueError, match="--copy-frac 0.6"):
+        train.build_config(train.get_args(["--passkey-frac", "0.5", "--copy-frac", "0.6"]))
+
+
+def test_induction_steps_train_dense_on_copy_strings_then_switch(data, tmp_path):
+    out = str(tmp_path)
+    flags = ["--data", data, "--out", out, *TINY, "--steps", "3", "--eval-every", "3", "--needle-docs", "0",
+             "--balance", "none", "--induction-steps", "2"]
+    train.main(flags)
+    steps, _ = metrics(out)
+    args = train.get_args(flags)
+    cfg = train.build_config(args)
+    for s in (0, 1):  # the warm-up: copy strings only, every sample at its dense budget
+        samples = train.draw_samples(s, args, cfg, [], [], None)
+        assert all(np.isin(x, COPY_ALPHABET).all() for x in samples)
+        dense = np.mean([train.n_blocks(len(x) - 1, 32) for x in samples])
+        assert steps[s + 1]["mean_budget"] == pytest.approx(dense) and dense > 2
+    assert steps[3]["mean_budget"] <= 2  # then the model's budget (k0 = 2, fewer in 1-block samples)
