@@ -46,7 +46,8 @@ def parse_args(argv, presets, description=None):
     a("--micro", type=int, help="microbatches per rank per step (gradient accumulation); each packs "
       "documents into one row of at most max_seq_len tokens; 0 = as many as the batch needs")
     a("--lr", type=float, help="peak learning rate")
-    a("--min-lr-frac", type=float, default=0.1, help="final lr as a fraction of --lr")
+    a("--min-lr-frac", type=float, default=None, help="final lr as a fraction of --lr (default 0.1; "
+      "1 = constant after the warmup)")
     a("--warmup", type=int, help="linear warmup steps")
     a("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (never on tables)")
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
@@ -68,7 +69,7 @@ def parse_args(argv, presets, description=None):
     a("--passkey-frac", type=float, default=None, help="share of training samples replaced by "
       "synthetic passkey documents (default 0, preset needle 0.5); > 0 also turns on needle evaluation")
     a("--copy-frac", type=float, default=None, help="share of training samples replaced by a random "
-      "string repeated to the sample's length (default 0, preset needle 0.25): copying is what forms the "
+      "string repeated to the sample's length (default 0, preset needle 0.5): copying is what forms the "
       "induction heads needle retrieval needs; passkey + copy shares must sum to at most 1")
     a("--induction-steps", type=int, default=None, help="a warm-up stage: the first N steps train on "
       "copy strings only, attending densely (default 0, preset needle 500); sparse routing at random "
@@ -104,6 +105,7 @@ def parse_args(argv, presets, description=None):
             setattr(args, k, v)
     args.passkey_frac = 0.0 if args.passkey_frac is None else args.passkey_frac
     args.copy_frac = 0.0 if args.copy_frac is None else args.copy_frac
+    args.min_lr_frac = 0.1 if args.min_lr_frac is None else args.min_lr_frac
     args.induction_steps = 0 if args.induction_steps is None else args.induction_steps
     args.out = args.out or os.path.join("out", args.preset)
     return args

@@ -74,12 +74,16 @@ PRESETS = {
     "ngram-vs-moe": dict(n_layer=4, n_head=4, n_embd=128, max_seq_len=512, attn_block=64, topk=4,
                          batch_size=16, micro=0, steps=300, lr=3e-3, warmup=30, eval_every=100,
                          eval_samples=64, ckpt_every=100, variant="dense"),
-    # Needle retrieval learnt on a CPU: half the samples are passkey documents (data.passkey_sample)
-    # of up to 512 tokens; k0 = 4 blocks of 32 cover 128 of them, so retrieving a needle at T/2 or
-    # T needs the gate to pick its block (experiments/quality.py, docs/quality.md).
-    "needle": dict(n_layer=2, n_head=4, n_embd=128, max_seq_len=512, attn_block=32, topk=4,
-                   batch_size=8, micro=0, steps=300, lr=3e-3, warmup=30, eval_every=50,
-                   eval_samples=32, ckpt_every=0, passkey_frac=0.5),
+    # Needle retrieval learnt on a CPU (docs/quality.md). Half the samples are passkey documents
+    # (data.passkey_sample, 82-256 tokens: k0 = 4 blocks of 16 cover 64 of them, so the gate must
+    # pick the needle's block), half random strings repeated (data.copy_sample), after a warm-up
+    # stage of copy strings alone at the dense budget: retrieval is copying what followed the
+    # earlier "The passkey is ", and these heads do not form from passkey documents alone. The
+    # embedding is not amplified (ngram_amp none), which forms them about 2x sooner; the lr stays
+    # constant after the warmup, as retrieval comes late.
+    "needle": dict(n_layer=2, n_head=4, n_embd=128, max_seq_len=256, attn_block=16, topk=4, ngram_amp="none",
+                   batch_size=16, micro=0, steps=4000, lr=3e-3, warmup=50, min_lr_frac=1.0, eval_every=250,
+                   eval_samples=32, ckpt_every=250, passkey_frac=0.5, copy_frac=0.5, induction_steps=500),
     # The small plain-embedding draft model infer.py uses for speculative decoding.
     "draft": dict(n_layer=2, n_head=2, n_embd=64, max_seq_len=512, attn_block=64, topk=8,
                   batch_size=16, micro=0, steps=300, lr=3e-3, warmup=30, eval_every=100,

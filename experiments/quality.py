@@ -8,6 +8,7 @@ trade-off, on the same data and seeds (issue 11; docs/quality.md holds the table
     python experiments/quality.py learn --nproc 0 --steps 3000    # needle accuracy by step, one run
     python experiments/quality.py induction --ckpt out/quality_learn/learn-s1/ckpt.pt   # does it copy?
     python experiments/quality.py induction --steps 400 -- ngram_amp=none   # induction on a toy task
+    python experiments/quality.py digits --ckpt out/quality/learn-s1/ckpt.pt   # which answer digit fails
     python experiments/quality.py curves --steps 1800 --seeds 1 2 3 --out out/quality_full   # ~10 CPU-min a run
     python experiments/quality.py curves --device cuda --nproc 8 --preset gpu --steps 2000 \\
         --seeds 1 2 --out out/quality_gpu -- --passkey-frac 0.5            # the GPU version (>= 2 GPUs)
@@ -112,11 +113,13 @@ def run_arm(a, arm, seed, flags, cache, run=None):
             sys.exit(f"quality.py: {run} failed (log: {a.out}/{run}.log):\n{(r.stdout + r.stderr)[-3000:]}")
         print(f"  {run}: {time.time() - t0:.0f} s wall", flush=True)
     steps, evals = read_metrics(out)
+    warm = json.load(open(os.path.join(out, "config.json")))["train"].get("induction_steps", 0)
     base = train.build_config(base_args(a))
     needle, depth = needle_table(a, os.path.join(out, "ckpt.pt"), base)
     rec = dict(run=run, arm=arm, seed=seed, flags=flags, steps=len(steps),
                val_bpb=evals[-1]["val_bpb"], curve=[[e["step"], e["val_bpb"]] for e in evals],
-               loss=[s["loss"] for s in steps], mean_budget=float(np.mean([s["mean_budget"] for s in steps])),
+               loss=[s["loss"] for s in steps],  # the mean budget after the dense warm-up stage
+               mean_budget=float(np.mean([s["mean_budget"] for s in steps[warm:] or steps])),
                cpu_s=float(sum(sum(s["compute_cpu"]) for s in steps)),
                critical_s=float(np.median([s["critical_path"] for s in steps])),
                needle=needle, depth=depth)
@@ -377,6 +380,37 @@ def cmd_induction(a):
                   f"nats ({time.process_time() - c0:.0f} CPU s)", flush=True)
 
 
+def cmd_digits(a):
+    """Which answer digit fails? Teacher-forced accuracy of each of the five digits separately (the
+    model shown the earlier ones), for --needle-docs passkey documents per context length and
+    budget (k0 and dense), fillers from the validation documents. Digits 2-5 only need the copy
+    head (find the earlier digit, copy its successor); digit 1 needs "The passkey is " matched
+    against the needle's, among the code's many spaces."""
+    if not a.ckpt:
+        sys.exit("quality.py digits: give the checkpoint to test with --ckpt PATH")
+    model = GPT.from_checkpoint(a.ckpt).eval()
+    cfg = model.config
+    torch.set_num_threads(1)
+    _, val = train.load_documents(a.data, 0.1, cfg.max_seq_len, note=lambda *_: None)
+    T, n = cfg.max_seq_len, a.needle_docs
+    print(f"{a.ckpt}: teacher-forced accuracy per answer digit, {n} documents a row")
+    print("| context | budget | digit 1 | 2 | 3 | 4 | 5 | all five |")
+    print("|---|---|---|---|---|---|---|---|")
+    for L in (T // 4, T // 2, T):
+        for k in (cfg.topk, T // cfg.attn_block):
+            hits = []
+            for i in range(n):
+                toks, pos = train.passkey_sample(np.random.default_rng([7, L, i]), val[i % len(val)], L,
+                                                 depth=(i + 0.5) / n)
+                x = torch.from_numpy(toks.astype(np.int64))[None]
+                with torch.no_grad():
+                    logits, _ = model(x[:, :-1], topk=k)
+                hits.append((logits[0, pos].argmax(-1) == x[0, pos + 1]).numpy())
+            h = np.array(hits)
+            print(f"| {len(toks) - 1} | {k} | " + " | ".join(f"{v:.2f}" for v in h.mean(0)) +
+                  f" | {h.all(1).mean():.2f} |")
+
+
 def simulate_row(anchor, p, steps):
     """experiments/simulate.py at (anchor, p): the '+ SAB + DST' row of mix (a) -> (speedup, mean
     budget, mean coverage). Simulated: analytic cost model of a 3B-like layer, no model runs."""
@@ -504,9 +538,10 @@ def main(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=("curves", "anchors", "timeline", "learn", "induction"))
+    ap.add_argument("command", choices=("curves", "anchors", "timeline", "learn", "induction", "digits"))
     ap.add_argument("--preset", default="needle", help="train.py preset of every run")
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the "
+                    "preset's; induction: 400 toy steps)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="seeds (anchors: the first)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--nproc", type=int, default=2, help="ranks per run under torchrun (0 = one plain "
@@ -524,15 +559,18 @@ def main(argv=None):
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--step", type=int, default=0, help="timeline: which step's samples (0 = first)")
     ap.add_argument("--run", default=None, help="learn: the run's folder name in --out (default learn-s<seed>)")
-    ap.add_argument("--ckpt", default=None, help="induction: a checkpoint to test (else train the toy)")
+    ap.add_argument("--ckpt", default=None, help="induction: a checkpoint to test (else train the toy); "
+                    "digits: the checkpoint (required)")
     ap.add_argument("--eval-every", type=int, default=250, help="learn: needle evaluation every N steps")
     ap.add_argument("--cost-model", default="analytic", help="timeline: analytic or a balance.py JSON")
     ap.add_argument("--measured", default=None, help="timeline: a bench_balance.sh OUT folder; its "
                     "r<nproc>-<policy>/metrics.jsonl give the measured compute of the same step per rank")
     a = ap.parse_args(argv)
     a.extra = extra
+    if a.steps is None:  # the preset's steps (printed in every table), or the toy's
+        a.steps = 400 if a.command == "induction" else train.get_args(["--preset", a.preset, *extra]).steps
     {"curves": cmd_curves, "anchors": cmd_anchors, "timeline": cmd_timeline, "learn": cmd_learn,
-     "induction": cmd_induction}[a.command](a)
+     "induction": cmd_induction, "digits": cmd_digits}[a.command](a)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def test_quality_driver_runs_a_tiny_case(tmp_path):
            "--out", str(out), "--arms", "dense", "k0", "--seeds", "1", "--nproc", "0", "--steps", "2",
            "--needle-docs", "1", "--no-plots", "--", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
            "--max-seq-len", "128", "--attn-block", "16", "--topk", "2", "--batch-size", "2",
-           "--eval-samples", "2", "--warmup", "1"]
+           "--eval-samples", "2", "--warmup", "1", "--induction-steps", "1"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

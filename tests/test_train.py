@@ -255,7 +255,8 @@ def test_copy_sample_repeats_one_random_string():
 
 
 def test_copy_frac_replaces_other_samples_and_keeps_passkey_ones():
-    args = train.get_args(["--preset", "needle", "--batch-size", "64", "--passkey-frac", "0.3"])
+    args = train.get_args(["--preset", "needle", "--batch-size", "64", "--passkey-frac", "0.3",
+                           "--copy-frac", "0", "--induction-steps", "0"])
     cfg = train.build_config(args)
     train_docs = [np.arange(600, dtype=np.uint16) % 90 + 32 for _ in range(4)]
     lengths = [len(d) for d in train_docs]
