@@ -326,6 +326,29 @@ def cmd_learn(a):
         dense = T // cfg["attn_block"]
         print(f"| {e['step']} | {cpu[e['step'] - 1] / 60:.1f} | {e['val_bpb']:.3f} | {c(T // 4, k0)} | {c(T // 2, k0)} | "
               f"{c(T, k0)} | {c(T, dense)} | {c(T, 'dst')} ({e['needle_dst_budget']:.2f}) |")
+    if not a.no_plots:
+        try:
+            plot_learn(evals, cpu, T, k0, T // cfg["attn_block"], os.path.join(a.img, "quality_learn.png"))
+        except ImportError:
+            print("(matplotlib is not installed: no plot)")
+
+
+def plot_learn(evals, cpu, T, k0, dense, path):
+    """Free-running exact match against training CPU minutes, one line per (context, budget)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = [cpu[e["step"] - 1] / 60 for e in evals]
+    for L, k, style in ((T // 4, k0, "-o"), (T // 2, k0, "-s"), (T, k0, "-^"), (T, dense, "--^")):
+        ax.plot(x, [e[f"needle_T{L}_k{k}"] for e in evals], style, ms=3,
+                label=f"T={L}, budget {k}" + (" (dense)" if k == dense else " (k0)"))
+    ax.set(xlabel="training CPU minutes (one thread)", ylabel="exact match, free running", ylim=(-0.05, 1.05),
+           title=f"needle retrieval while training (steps {evals[0]['step']}-{evals[-1]['step']})")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    print(f"wrote {path}")
 
 
 # ------------------------------------------------------------------------------ induction

@@ -132,6 +132,13 @@ def test_quality_driver_runs_a_tiny_case(tmp_path):
     res = [json.loads(line) for line in open(out / "results.jsonl")]
     assert sorted(x["arm"] for x in res) == ["dense", "k0"]
     assert all(0 < x["val_bpb"] < 20 and "T128_k2" in x["needle"] for x in res)
+    # the per-digit table of one of those checkpoints: 3 lengths x 2 budgets, 5 digits + all five
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "quality.py"), "digits", "--data",
+                        str(data), "--needle-docs", "2", "--ckpt", str(out / "k0-s1" / "ckpt.pt")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split(" | ")[2:] for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 6 and all(len(x) == 6 and all(0 <= float(v.strip(" |")) <= 1 for v in x) for x in rows)
 
 
 def test_induction_losses_tell_a_copying_model_from_a_blind_one():
