@@ -6,6 +6,7 @@ bf16 autocast, Triton kernels).
     python train.py                                    # CPU: --preset cpu-quick; GPU: --preset gpu
     python train.py --preset cpu-quick --steps 50      # any flag overrides the preset
     torchrun --standalone --nproc_per_node=2 train.py --preset balance-demo --balance sab+dst
+    python train.py --preset needle                    # learns needle retrieval: ~16 CPU-minutes
     torchrun --nnodes=2 --node-rank=0 --nproc-per-node=8 --rdzv-backend=c10d \\
              --rdzv-endpoint=HOST:29500 train.py --preset gpu       # multi-node (same on node 1)
     torchrun --standalone --nproc_per_node=2 --max-restarts=3 train.py --resume   # survives a kill
