@@ -103,10 +103,9 @@ def parse_args(argv, presets, description=None):
     for k, v in presets[args.preset].items():  # the preset fills in what the command line left out
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    args.passkey_frac = 0.0 if args.passkey_frac is None else args.passkey_frac
-    args.copy_frac = 0.0 if args.copy_frac is None else args.copy_frac
-    args.min_lr_frac = 0.1 if args.min_lr_frac is None else args.min_lr_frac
-    args.induction_steps = 0 if args.induction_steps is None else args.induction_steps
+    for k, default in (("passkey_frac", 0.0), ("copy_frac", 0.0), ("min_lr_frac", 0.1), ("induction_steps", 0)):
+        if getattr(args, k) is None:  # flags a preset may set: their default comes after the preset
+            setattr(args, k, default)
     args.out = args.out or os.path.join("out", args.preset)
     return args
 

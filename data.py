@@ -13,7 +13,7 @@ text files, one text file, or a `.bin` of uint16 tokens.
     corpus_tokens(max_bytes)         -> the default corpus as one token stream (analyses, prompts)
     stdlib_lengths(crop)             -> the default corpus's document lengths (the simulator)
     draw_mix, passkey_sample         -> a step's length mix; a synthetic needle document
-    copy_sample                      -> a snippet repeated to the length (trains induction)
+    copy_sample                      -> a random string repeated to the length (trains copying)
 """
 import os
 import sysconfig

@@ -5,13 +5,14 @@ trade-off, on the same data and seeds (issue 11; docs/quality.md holds the table
     python experiments/quality.py anchors     # anchor {mean,min,max} x p {0.1,0.2,0.3}: quality + speed
     python experiments/quality.py timeline --nproc 4 --cost-model out/bench_balance/cost_model.json \\
         --measured out/bench_balance          # one step's microbatches per rank, none vs sab+dst
-    python experiments/quality.py learn --nproc 0 --steps 3000    # needle accuracy by step, one run
-    python experiments/quality.py induction --ckpt out/quality_learn/learn-s1/ckpt.pt   # does it copy?
+    python experiments/quality.py learn --nproc 0 --needle-docs 8  # needle accuracy by step, one run
+    python experiments/quality.py induction --ckpt out/quality/learn-s1/ckpt.pt   # does it copy?
     python experiments/quality.py induction --steps 400 -- ngram_amp=none   # induction on a toy task
     python experiments/quality.py digits --ckpt out/quality/learn-s1/ckpt.pt   # which answer digit fails
-    python experiments/quality.py curves --steps 1800 --seeds 1 2 3 --out out/quality_full   # ~10 CPU-min a run
-    python experiments/quality.py curves --device cuda --nproc 8 --preset gpu --steps 2000 \\
-        --seeds 1 2 --out out/quality_gpu -- --passkey-frac 0.5            # the GPU version (>= 2 GPUs)
+    python experiments/quality.py curves --seeds 1 2 --out out/quality_needle    # ~16 CPU-min a run
+    python experiments/quality.py curves --device cuda --nproc 8 --preset gpu --steps 4000 --seeds 1 2 \\
+        --out out/quality_gpu -- --passkey-frac 0.5 --copy-frac 0.5 --induction-steps 500 \\
+        --ngram-amp none                                                   # the GPU version (>= 2 GPUs)
 
 Every run is `train.py` under torchrun (`--nproc` ranks, 2 by default: DST balances ranks, so it
 needs at least two), the same preset, data and seed for every arm (the seed fixes the initial
@@ -414,7 +415,7 @@ def cmd_digits(a):
     model = GPT.from_checkpoint(a.ckpt).eval()
     cfg = model.config
     torch.set_num_threads(1)
-    _, val = train.load_documents(a.data, 0.1, cfg.max_seq_len, note=lambda *_: None)
+    _, val = train.load_documents(a.data, base_args(a).val_frac, cfg.max_seq_len, note=lambda *_: None)
     T, n = cfg.max_seq_len, a.needle_docs
     print(f"{a.ckpt}: teacher-forced accuracy per answer digit, {n} documents a row")
     print("| context | budget | digit 1 | 2 | 3 | 4 | 5 | all five |")

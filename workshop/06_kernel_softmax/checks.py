@@ -46,41 +46,39 @@ def compare(got, want, what, hint):
             f"(mean {float(err.mean()):.2e}). {hint}")
 
 
+def against_reference(q, k, v, budget, what, hint, cu=None, do=None):
+    """Triton against the dense-mask reference on the gate's layout at `budget` (blocks of 16)."""
+    sel = A.select_blocks(q, k, budget, cu, 16)
+    compare(attend("triton", q, k, v, sel, 16, do), attend("reference", q, k, v, sel, 16, do), what, hint)
+
+
 def test_own_block_only():
     """Budget 1 (each token attends causally inside its own block): output equals the reference"""
     q, k, v, _ = inputs(1, 2, 32, 16, seed=0)
-    sel = A.select_blocks(q, k, 1, None, 16)
-    compare(attend("triton", q, k, v, sel, 16), attend("reference", q, k, v, sel, 16),
-            "budget 1", "Every row of s has at least one finite entry (the diagonal key): take "
-            "m = tl.max(s, 1), p = tl.exp2(s - m[:, None]), l = tl.sum(p, 1)")
+    against_reference(q, k, v, 1, "budget 1", "Every row of s has at least one finite entry (the diagonal "
+                      "key): take m = tl.max(s, 1), p = tl.exp2(s - m[:, None]), l = tl.sum(p, 1)")
 
 
 def test_several_tiles_per_token():
     """Budget 3 on packed documents: the partial outputs merge (attention._merge) into the reference"""
     q, k, v, _ = inputs(1, 2, 96, 16, seed=1)
     cu = torch.tensor([0, 64, 96], dtype=torch.int32)
-    sel = A.select_blocks(q, k, 3, cu, 16)
-    compare(attend("triton", q, k, v, sel, 16), attend("reference", q, k, v, sel, 16),
-            "budget 3", "Each tile's o must be normalised by its own l, and its lse = m + log2(l) "
-            "lets _merge weigh the tiles of a token: o = sum exp(lse_p - lse) o_p")
+    against_reference(q, k, v, 3, "budget 3", "Each tile's o must be normalised by its own l, and its lse = "
+                      "m + log2(l) lets _merge weigh the tiles of a token: o = sum exp(lse_p - lse) o_p", cu=cu)
 
 
 def test_gradients_rebuild_p_from_the_stored_lse():
     """Gradients equal the reference: the backward rebuilds p = exp2(s - lse) from your lse"""
     q, k, v, do = inputs(1, 1, 64, 16, seed=2)
-    sel = A.select_blocks(q, k, 2, None, 16)
-    compare(attend("triton", q, k, v, sel, 16, do), attend("reference", q, k, v, sel, 16, do),
-            "budget 2, forward + backward", "pair_bwd recomputes p = exp2(s - lse): with o right "
-            "but l or m wrong, the stored lse (m + log2(l), in log2 units) is wrong")
+    against_reference(q, k, v, 2, "budget 2, forward + backward", "pair_bwd recomputes p = exp2(s - lse): with "
+                      "o right but l or m wrong, the stored lse (m + log2(l), in log2 units) is wrong", do=do)
 
 
 def test_large_scores_do_not_overflow():
     """Scores in the thousands (q x 60): still the reference, no inf or nan (subtract the row max)"""
     q, k, v, _ = inputs(1, 1, 64, 16, seed=3, scale=60.0)
-    sel = A.select_blocks(q, k, 2, None, 16)
-    compare(attend("triton", q, k, v, sel, 16), attend("reference", q, k, v, sel, 16),
-            "large scores", "exp2 of a score in the thousands overflows fp32: subtract the row max "
-            "m before exp2, and add it back in lse")
+    against_reference(q, k, v, 2, "large scores", "exp2 of a score in the thousands overflows fp32: subtract "
+                      "the row max m before exp2, and add it back in lse")
 
 
 def test_dense_budget_is_causal_attention():
