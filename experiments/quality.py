@@ -2,7 +2,7 @@
 trade-off, on the same data and seeds (issue 11; docs/quality.md holds the tables it printed).
 
     python experiments/quality.py curves      # dense / MoBA k0 / MoBA sab+dst / MoBA at DST's mean
-    python experiments/quality.py anchors     # anchor {mean,min,max} x p {0.1,0.2,0.3}: quality + speed
+    python experiments/quality.py anchors     # anchor {mean,min,max} at p 0.1, p {0.1,0.2,0.3} at mean: quality + speed
     python experiments/quality.py timeline --nproc 4 --cost-model out/bench_balance/cost_model.json \\
         --measured out/bench_balance          # one step's microbatches per rank, none vs sab+dst
     python experiments/quality.py learn --nproc 0 --needle-docs 8  # needle accuracy by step, one run
@@ -450,7 +450,10 @@ def simulate_row(anchor, p, steps):
 def cmd_anchors(a):
     cache, base = load_cache(a), train.build_config(base_args(a))
     T, k0, seed = base.max_seq_len, base.topk, a.seeds[0]
-    grid = [(anchor, p) for anchor in a.anchors for p in a.ps]
+    if a.full_grid:
+        grid = [(anchor, p) for anchor in a.anchors for p in a.ps]
+    else:   # the two sweeps through (mean, --p): anchors at --p, then p at the mean anchor
+        grid = [(anchor, a.p) for anchor in a.anchors] + [("mean", p) for p in a.ps if p != a.p]
     res = {}
     # (mean, p) is the curves' sabdst arm: last, so that a curves command running beside this one
     # has written it by then and it is reused, not trained twice
@@ -574,6 +577,8 @@ def main(argv=None):
     ap.add_argument("--anchors", nargs="+", default=list(ANCHORS), choices=list(ANCHORS),
                     help="anchors: DST anchors to run (balance.ANCHORS)")
     ap.add_argument("--ps", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    ap.add_argument("--full-grid", action="store_true", help="anchors: every anchor x every p (default: "
+                    "the two sweeps through (mean, --p), which is 5 runs instead of 9)")
     ap.add_argument("--sim-steps", type=int, default=100, help="anchors: experiments/simulate.py --steps")
     ap.add_argument("--needle-docs", type=int, default=16, help="documents per needle cell")
     ap.add_argument("--data", default=None, help="train.py --data (default: the stdlib corpus)")
