@@ -243,11 +243,17 @@ def select_blocks(q, k, topk, cu_seqlens=None, block_size=64, k0=None, p=None, c
     top = torch.empty(B, H, T, r, dtype=torch.long, device=q.device)
     val = torch.empty(B, H, T, r, device=q.device)
     cov = torch.zeros(S, width, device=q.device)
-    step = max(st, chunk_elems // (B * H * NQ) // st * st)          # chunks start on a stride
+    # chunks of query tokens, each scored against the blocks before its last token only (an
+    # eighth of T at a time: half the scores of the whole square); chunks start on a stride
+    step = min(chunk_elems // (B * H * NQ), max(block_size, T // 8 // block_size * block_size))
+    step = max(st, step // st * st)
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
-        s = _past_scores(q[:, :, t0:t1].detach(), kmean, blk[t0:t1], first_t[..., t0:t1])
-        val[:, :, t0:t1], top[:, :, t0:t1] = s.topk(r, dim=-1)          # [B, H, c, r] descending
+        ncol = max(1, int(blk[t1 - 1]))                                   # blocks j < last block
+        s = _past_scores(q[:, :, t0:t1].detach(), kmean[:, :, :ncol], blk[t0:t1], first_t[..., t0:t1])
+        rc = min(r, ncol)
+        val[:, :, t0:t1, :rc], top[:, :, t0:t1, :rc] = s.topk(rc, dim=-1)  # [B, H, c, r] descending
+        val[:, :, t0:t1, rc:], top[:, :, t0:t1, rc:] = float("-inf"), 0
         if want_cov:   # C(k): softmax mass (scale 1/sqrt(D)) of the best k - 1 earlier blocks
             rows = slice(t0 + st - 1, t1, st)                             # every st-th token
             lse = torch.logsumexp(s[:, :, st - 1::st] / math.sqrt(D), -1, keepdim=True)
