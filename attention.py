@@ -126,7 +126,7 @@ def _documents(cu_seqlens, B, T, block_size, device):
     return seq, first, len(cu) - 1
 
 
-def _budgets(topk, S, device, name="topk"):
+def budget_per_sequence(topk, S, device, name="topk"):
     """The budget of every sequence as a LongTensor [S]; raises on budgets < 1 or a wrong length."""
     if isinstance(topk, torch.Tensor):
         if topk.dtype.is_floating_point or topk.dtype == torch.bool or topk.numel() != S:
@@ -152,7 +152,7 @@ def moba_naive(q, k, v, topk, cu_seqlens=None, block_size=64):
     B, H, T, D = q.shape
     f = torch.promote_types(q.dtype, torch.float32)
     cu = [r * T for r in range(B + 1)] if cu_seqlens is None else torch.as_tensor(cu_seqlens).tolist()
-    budgets = _budgets(topk, len(cu) - 1, "cpu").tolist()
+    budgets = budget_per_sequence(topk, len(cu) - 1, "cpu").tolist()
     out = torch.zeros(B, H, T, D, dtype=f, device=q.device)
     for (a, e), budget in zip(zip(cu, cu[1:]), budgets):
         b, a, e = a // T, a % T, (e - 1) % T + 1                           # row, row-local span
@@ -221,7 +221,7 @@ def select_blocks(q, k, topk, cu_seqlens=None, block_size=64, k0=None, p=None, c
     B, H, T, D = _check_qkv(q, k, None, block_size)
     NQ = T // block_size
     seq, first, S = _documents(cu_seqlens, B, T, block_size, q.device)
-    budget = _budgets(topk, S, q.device)
+    budget = budget_per_sequence(topk, S, q.device)
     if p is not None:
         if not (isinstance(p, (int, float)) and 0 <= p < 1):
             raise ValueError(f"p must be a number in [0, 1) (the coverage DST may give up), got {p!r}")
@@ -650,7 +650,7 @@ def decode_attention(q, k, v, k_means, pos, topk, block_size):
     bs = block_size
     a = pos + torch.arange(n, device=q.device)                             # [n] positions
     i = a // bs
-    budget = _budgets(topk, B, q.device)
+    budget = budget_per_sequence(topk, B, q.device)
     qf = q.float()
     s0 = (pos // bs) * bs                                                  # first token's block
     span = torch.arange(s0, pos + n, device=q.device)                      # [S] keys of own blocks

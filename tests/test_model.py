@@ -218,15 +218,30 @@ def dense_attention(q, k, v, topk, cu_seqlens=None, block=64, k0=None, p=None, s
 
 
 def test_full_budget_equals_dense_attention(monkeypatch):
+    """A budget of every block is dense causal attention, through the gate and the pair tiles (p
+    set: the SDPA shortcut is skipped) and through the shortcut itself."""
     model = tiny(ngram_n=3, ngram_k=2)
     idx = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        sparse, _ = model(idx, topk=4)
+        gate, _ = model(idx, topk=4, k0=1, p=0.0)     # floors <= 4: the budget stays 4
+        shortcut, _ = model(idx, topk=4)
         per_layer, _ = model(idx, topk=torch.full((2, 2), 4))
         monkeypatch.setattr(M, "causal_sparse_attention", dense_attention)
         dense, _ = model(idx)
-    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=0)
-    torch.testing.assert_close(per_layer, dense, atol=1e-5, rtol=0)
+    for got in (gate, shortcut, per_layer):
+        torch.testing.assert_close(got, dense, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("topk", [3, 5, torch.tensor([3, 7])])
+def test_dense_shortcut_matches_the_gate_path(topk):
+    """causal_sparse_attention runs SDPA when every budget covers every block: same output and
+    budgets as the gate + pair tiles (forced by p = 0, whose floors never raise a budget), T not a
+    multiple of the block included."""
+    q, k, v = torch.randn(3, 2, 2, 40, 16, generator=torch.Generator().manual_seed(5))
+    y, used = M.causal_sparse_attention(q, k, v, topk, None, 16)
+    y_gate, used_gate = M.causal_sparse_attention(q, k, v, topk, None, 16, k0=1, p=0.0)
+    torch.testing.assert_close(y, y_gate, atol=1e-5, rtol=0)
+    assert torch.equal(used, used_gate)
 
 
 def test_packed_documents_equal_separate_rows():
