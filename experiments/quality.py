@@ -447,13 +447,17 @@ def simulate_row(anchor, p, steps):
     return float(cells[4].rstrip("x")), float(cells[5]), float(cells[6])
 
 
+def anchor_grid(a):
+    """The (anchor, p) cells: every pair with --full-grid, else the two sweeps through (mean, --p)."""
+    if a.full_grid:
+        return [(anchor, p) for anchor in a.anchors for p in a.ps]
+    return [(anchor, a.p) for anchor in a.anchors] + [("mean", p) for p in a.ps if p != a.p]
+
+
 def cmd_anchors(a):
     cache, base = load_cache(a), train.build_config(base_args(a))
     T, k0, seed = base.max_seq_len, base.topk, a.seeds[0]
-    if a.full_grid:
-        grid = [(anchor, p) for anchor in a.anchors for p in a.ps]
-    else:   # the two sweeps through (mean, --p): anchors at --p, then p at the mean anchor
-        grid = [(anchor, a.p) for anchor in a.anchors] + [("mean", p) for p in a.ps if p != a.p]
+    grid = anchor_grid(a)
     res = {}
     # (mean, p) is the curves' sabdst arm: last, so that a curves command running beside this one
     # has written it by then and it is reused, not trained twice

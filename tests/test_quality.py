@@ -152,3 +152,15 @@ def test_induction_losses_tell_a_copying_model_from_a_blind_one():
     assert first > 3 and max(later) < first / 10, (first, later)
     blind = quality.induction_losses(CopyModel(cfg, oracle=False))
     assert max(blind) - min(blind) < 1e-6 and blind[0] > 3, blind
+
+
+def test_anchor_grid_is_two_sweeps_through_the_curves_run_or_the_full_grid():
+    """anchors: by default the anchors at --p plus p at the mean anchor (5 runs, (mean, --p) once:
+    it is the curves' sab+dst run); --full-grid: every anchor x every p."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import quality
+    from argparse import Namespace
+    a = Namespace(anchors=["mean", "min", "max"], ps=[0.1, 0.2, 0.3], p=0.1, full_grid=False)
+    assert quality.anchor_grid(a) == [("mean", 0.1), ("min", 0.1), ("max", 0.1), ("mean", 0.2), ("mean", 0.3)]
+    full = quality.anchor_grid(Namespace(**{**vars(a), "full_grid": True}))
+    assert len(full) == 9 and len(set(full)) == 9 and set(quality.anchor_grid(a)) <= set(full)
