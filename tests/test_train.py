@@ -244,6 +244,38 @@ def test_step_runs_dst_targets_raised_to_each_layers_floor():
     assert (fixed == np.array(targets)).all()                       # no p: the targets as given
 
 
+def test_gradient_does_not_depend_on_how_the_batch_is_split():
+    """SAB only moves samples between ranks and microbatches: `step` weights each microbatch's
+    mean loss by its share of the step's tokens, so the summed gradient (here: both ranks'
+    steps run in one process) is the same for the naive plan, SAB's and one sample per row."""
+    from balance import Balancer, CostModel
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, max_seq_len=256, attn_block=32, topk=2)
+    gpt = GPT(cfg)
+    params = list(gpt.parameters())
+    rng = np.random.default_rng(1)
+    samples = [rng.integers(0, 256, n + 1).astype(np.uint16) for n in (250, 40, 130, 70, 200, 33, 96, 160)]
+    lengths = [len(x) - 1 for x in samples]
+    targets = [min(2, -(-n // 32)) for n in lengths]
+
+    def grad(plan):
+        for p in params:
+            p.grad = None
+        for plan_r in plan:
+            train.step(gpt, params, samples, plan_r, targets, {}, float(sum(lengths)), 1, torch.device("cpu"),
+                       nullcontext())
+        return torch.cat([p.grad.flatten() for p in params])
+
+    def plan(policy):
+        return Balancer(CostModel.analytic(32, 32, 2), 2, policy, k0=2, n_layer=1, capacity=256).plan(lengths).plan
+
+    naive, sab = plan("none"), plan("sab")
+    assert naive != sab                                              # the splits do differ
+    want = grad([[[i] for i in range(8)]])                           # one sample per row, one rank
+    for got in (grad(naive), grad(sab)):
+        assert float((got - want).norm() / want.norm()) < 1e-5
+
+
 def test_copy_sample_repeats_one_random_string():
     rng = np.random.default_rng(3)
     for length in (16, 63, 200, 512):
