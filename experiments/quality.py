@@ -2,7 +2,7 @@
 trade-off, on the same data and seeds (issue 11; docs/quality.md holds the tables it printed).
 
     python experiments/quality.py curves      # dense / MoBA k0 / MoBA sab+dst / MoBA at DST's mean
-    python experiments/quality.py anchors     # anchor {mean,min,max} at p 0.1, p {0.1,0.2,0.3} at mean: quality + speed
+    python experiments/quality.py anchors     # anchors at p 0.1, p {0.1,0.2,0.3} at mean: quality + speed
     python experiments/quality.py timeline --nproc 4 --cost-model out/bench_balance/cost_model.json \\
         --measured out/bench_balance          # one step's microbatches per rank, none vs sab+dst
     python experiments/quality.py learn --nproc 0 --needle-docs 8  # needle accuracy by step, one run

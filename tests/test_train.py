@@ -256,7 +256,7 @@ def test_gradient_does_not_depend_on_how_the_batch_is_split():
     rng = np.random.default_rng(1)
     samples = [rng.integers(0, 256, n + 1).astype(np.uint16) for n in (250, 40, 130, 70, 200, 33, 96, 160)]
     lengths = [len(x) - 1 for x in samples]
-    targets = [min(2, -(-n // 32)) for n in lengths]
+    targets = [min(2, train.n_blocks(n, 32)) for n in lengths]
 
     def grad(plan):
         for p in params:
