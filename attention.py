@@ -49,8 +49,9 @@ order, so gradients are bitwise reproducible.
         o_pair = p v_j / l;  lse_pair = m + log2(l)                   ds = p * (do v_j^T - delta)
                                                                        dk += ds^T q; dq_pair = ds k_j
 
-On CPU, `attention_torch` runs the same tiles through PyTorch's fused CPU flash-attention kernel
-(own blocks directly, causal, without a gather). `moba_naive` is the obviously correct twin of
+On CPU, `attention_torch` runs the same key-block-major pairs without tiles: one `torch.mm` per key
+block and product, a softmax over each token's own block and pairs together (see "torch path"
+below). `moba_naive` is the obviously correct twin of
 gate + attention (a loop over documents, a dense masked softmax in fp32), checked against MoBA's
 own reference; `attention_reference` (impl="reference") is a dense mask built from a layout.
 
@@ -62,6 +63,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -70,7 +72,7 @@ import torch.nn.functional as F
 IMPLS = ("auto", "triton", "torch", "reference")
 LOG2E = 1.4426950408889634                  # exp(x) = exp2(x * log2(e))
 TILE = 64                                   # query rows per pair tile, Triton (16 interpreted)
-CPU_TILE = 128                              # the same for the torch path (fastest measured)
+CPU_CHUNK = 512                             # pairs per elementwise step of the torch path
 
 
 # ------------------------------------------------------------------------------ input checks
@@ -204,7 +206,7 @@ def _past_scores(q, kmean, blk, first):
     of its document. q [..., n, D], kmean [..., NQ, D], blk [n] / first [..., n] -> [..., n, NQ]."""
     j = torch.arange(kmean.shape[-2], device=q.device)
     past = (j < blk[:, None]) & (j >= first[..., None])
-    return (q.float() @ kmean.transpose(-1, -2)).masked_fill(~past, float("-inf"))
+    return (q.float() @ kmean.transpose(-1, -2)).masked_fill_(~past, float("-inf"))
 
 
 def select_blocks(q, k, topk, cu_seqlens=None, block_size=64, k0=None, p=None, coverage=False,
@@ -366,66 +368,132 @@ def _sum_rows(parts, index, n):
     return parts.new_zeros(n + 1, parts.shape[1]).index_add_(0, index, parts)[:n]
 
 
-def _gather_rows(x, rows):
-    """x[rows] for rows of a [N, D] tensor, with zeros where rows is -1 (tile padding)."""
-    return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, torch.where(rows < 0, len(x), rows))
-
-
 # ------------------------------------------------------------------------------ torch path
-# The fused CPU flash-attention kernels behind F.scaled_dot_product_attention, called directly:
-# the forward returns the log-sum-exp the merge needs, and the backward, given the *merged* output
-# and log-sum-exp, rebuilds each pair's exact share p = exp(s - lse_token): the per-pair backward
-# needs no per-pair statistics of its own.
-_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# The CPU path keeps the pairs key-block-major *without* tile padding: the pairs of key block g
+# are one contiguous slice of rows, so each of the six products of a forward + backward is one
+# `torch.mm` per key block ([pairs of g, D] x [D, block]): no gathered copies of K or V, no padded
+# rows. The softmax runs over each token's own block and all its pairs at once, stabilised by the
+# token's max; 1 / sum multiplies the merged output (and, in the backward, dO), so there is no
+# per-pair log-sum-exp and no merge weight. The work walks the pairs in chunks of >= CPU_CHUNK
+# rows: a chunk's queries are gathered into a small scratch buffer and its elementwise steps run
+# while it is in cache. At T = 8192, budget 9, one thread that took forward + backward from 466
+# to 336 CPU ms against PyTorch's flash kernel on gathered 128-row tiles (docs/attention.md).
+class _PairRows(NamedTuple):
+    rows: torch.Tensor     # long [P]: token row (z*T + t) of each pair, key-block-major
+    segs: list             # (g, a, b): the pairs of key block g (flat z*NQ + j) are rows a:b
+    tok: torch.Tensor      # sparse CSR [Z*T, P] of ones: (tok @ x)[n] = sum of x over n's pairs
+
+
+def _pair_rows(block_idx, block_cnt, NQ, dtype):
+    """The torch path's layout: every (token, earlier block) pair, sorted by key block, then token.
+    Own blocks are left out (they are attended block by block, in place)."""
+    Z, T, KMAX = block_idx.shape
+    used = block_cnt.long() - 1                                           # earlier blocks [Z, T]
+    z, t, s = (torch.arange(KMAX, device=used.device) < used[..., None]).nonzero(as_tuple=True)
+    key = z * NQ + block_idx[z, t, s].long()                              # token-major pairs
+    order = torch.argsort(key, stable=True)
+    bounds = F.pad(torch.bincount(key, minlength=Z * NQ).cumsum(0), (1, 0)).tolist()
+    segs = [(g, a, b) for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+    col = torch.empty_like(order)
+    col[order] = torch.arange(len(order), device=order.device)            # pair -> its row
+    crow = F.pad(used.flatten().cumsum(0), (1, 0)).int()                  # int32: what MKL takes
+    with warnings.catch_warnings():                                       # "CSR is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        tok = torch.sparse_csr_tensor(crow, col.int(), torch.ones(len(col), dtype=dtype),
+                                      (Z * T, len(col)), check_invariants=False)
+    return _PairRows((z * T + t)[order], segs, tok)
+
+
+def _chunks(segs, rows=CPU_CHUNK):
+    """Consecutive key blocks' pair slices grouped into chunks of at least `rows` pairs, as
+    (a, b, [(g, a_g, b_g), ...]): elementwise work runs a chunk at a time (while it is in cache,
+    and few calls when blocks hold few pairs), the products a key block at a time."""
+    out, cur = [], []
+    for seg in segs:
+        cur.append(seg)
+        if seg[2] - cur[0][1] >= rows:
+            out.append((cur[0][1], seg[2], cur))
+            cur = []
+    return out + ([(cur[0][1], cur[-1][2], cur)] if cur else [])
 
 
 class _TorchPairs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_cnt, block_size):
         B, H, T, D = q.shape
-        Z, NQ, KMAX = B * H, T // block_size, block_idx.shape[-1]
-        idx, cnt = block_idx.reshape(Z, T, KMAX), block_cnt.reshape(Z, T)
-        blocks = lambda x: x.reshape(Z * NQ, 1, block_size, D)   # noqa: E731  [Z*NQ, 1, bs, D]
-        qb, kb, vb = blocks(q), blocks(k), blocks(v)
-        o_own, lse_own = _flash_fwd(qb, kb, vb, is_causal=True)             # own blocks
-        tl_ = _pair_tiles(idx, cnt, NQ, CPU_TILE, own_block=False)          # earlier blocks
-        n_t = len(tl_.tkey)
-        qt = _gather_rows(q.reshape(Z * T, D), tl_.rows).view(n_t, 1, CPU_TILE, D)
-        kt, vt = kb.index_select(0, tl_.tkey), vb.index_select(0, tl_.tkey)   # [NT, 1, bs, D]
-        o_p, lse_p = _flash_fwd(qt, kt, vt) if n_t else (qt, qt.new_zeros(0, 1, CPU_TILE))
-        o, lse = _merge(o_p.reshape(-1, D), lse_p.reshape(-1).float(), tl_.rows, Z * T,
-                        o_own.reshape(-1, D), lse_own.reshape(-1).float())
-        o = o.to(q.dtype)
-        ctx.save_for_backward(qb, kb, vb, o, lse, qt, kt, vt, tl_.rows, tl_.tkey)
-        ctx.shape = q.shape
-        return o.view(B, H, T, D)
+        Z, NQ, bs, N = B * H, T // block_size, block_size, B * H * T
+        ctx.dtype = q.dtype
+        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        q, k, v = (x.to(work) for x in (q, k, v))
+        qs = (q * D ** -0.5).reshape(N, D)                                  # softmax scale on q
+        qb, kb, vb = qs.view(Z * NQ, bs, D), k.reshape(Z * NQ, bs, D), v.reshape(Z * NQ, bs, D)
+        kbT = kb.transpose(1, 2).contiguous()
+        lay = _pair_rows(block_idx.reshape(Z, T, -1), block_cnt.reshape(Z, T), NQ, work)
+        rows, chunks, P = lay.rows, _chunks(lay.segs), len(lay.rows)
+        s, s_max = qs.new_empty(P, bs), qs.new_empty(P)                     # scores, row max
+        q_c = qs.new_empty(max((b - a for a, b, _ in chunks), default=0), D)   # scratch
+        for a, b, segs in chunks:
+            torch.index_select(qs, 0, rows[a:b], out=q_c[:b - a])           # the pairs' queries
+            for g, a_g, b_g in segs:
+                torch.mm(q_c[a_g - a:b_g - a], kbT[g], out=s[a_g:b_g])
+            torch.amax(s[a:b], -1, out=s_max[a:b])
+        s_own = torch.bmm(qb, kbT).masked_fill_(
+            torch.ones(bs, bs, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        # softmax over the token's own block and all its pairs, stabilised by the token's max
+        m = s_own.amax(-1).view(N).scatter_reduce(0, rows, s_max, "amax")
+        p_own = s_own.sub_(m.view(Z * NQ, bs, 1)).exp_()
+        m_r, l_r, o_r = m[rows, None], qs.new_empty(P, 1), qs.new_empty(P, D)
+        for a, b, segs in chunks:                    # p = exp(s - m), unnormalised; p v
+            torch.sum(s[a:b].sub_(m_r[a:b]).exp_(), -1, keepdim=True, out=l_r[a:b])
+            for g, a_g, b_g in segs:
+                torch.mm(s[a_g:b_g], vb[g], out=o_r[a_g:b_g])
+        p = s
+        inv = 1 / torch.addmm(p_own.sum(-1).view(N, 1), lay.tok, l_r)[:, 0]
+        o = torch.addmm(torch.bmm(p_own, vb).view(N, D), lay.tok, o_r).mul_(inv[:, None])
+        ctx.save_for_backward(qs, kb, vb, p_own, p, inv, o, rows, lay.tok)
+        ctx.chunks, ctx.shape = chunks, (B, H, T, D)
+        return o.view(B, H, T, D).to(ctx.dtype)
 
     @staticmethod
     def backward(ctx, do):
-        qb, kb, vb, o, lse, qt, kt, vt, rows, tkey = ctx.saved_tensors
-        n_blk, _, bs, D = qb.shape
-        n_t = len(tkey)
-        do = do.contiguous().reshape(-1, D)
-        lse = lse.to(torch.promote_types(qb.dtype, torch.float32))
-        dq, dk, dv = _flash_bwd(do.view_as(qb), qb, kb, vb, o.view_as(qb),
-                                lse.view(n_blk, 1, bs), 0.0, True)
-        if n_t:
-            dq_t, dk_t, dv_t = _flash_bwd(_gather_rows(do, rows).view_as(qt), qt, kt, vt,
-                                          _gather_rows(o, rows).view_as(qt),
-                                          _gather_rows(lse[:, None], rows).view(n_t, 1, CPU_TILE),
-                                          0.0, False)           # pad rows: do = 0, no gradient
-            dq = dq + _sum_rows(dq_t.reshape(-1, D), rows, do.shape[0]).view_as(dq)
-            dk = dk + _sum_rows(dk_t.reshape(n_t, -1), tkey, n_blk).view_as(dk)
-            dv = dv + _sum_rows(dv_t.reshape(n_t, -1), tkey, n_blk).view_as(dv)
-        return dq.view(ctx.shape), dk.view(ctx.shape), dv.view(ctx.shape), None, None, None
+        qs, kb, vb, p_own, p, inv, o, rows, tok = ctx.saved_tensors
+        n_blk, bs, D = kb.shape
+        N, P = n_blk * bs, len(rows)
+        qb = qs.view(n_blk, bs, D)
+        do = do.reshape(N, D).to(o.dtype)
+        delta = (do * o).sum(-1) * inv            # rowsum(dO * O), over the token's sum
+        do = do * inv[:, None]                    # p = p_unnormalised / sum: 1 / sum rides on dO
+        dob = do.view(n_blk, bs, D)
+        vbT = vb.transpose(1, 2).contiguous()
+        ds_own = torch.bmm(dob, vbT).sub_(delta.view(n_blk, bs, 1)).mul_(p_own)   # own blocks
+        dv = torch.bmm(p_own.transpose(1, 2), dob)
+        dk = torch.bmm(ds_own.transpose(1, 2), qb)
+        delta_r = delta[rows, None]
+        dq_r, n = p.new_empty(P, D), max((b - a for a, b, _ in ctx.chunks), default=0)
+        q_c, do_c, ds_c = p.new_empty(n, D), p.new_empty(n, D), p.new_empty(n, bs)   # scratch
+        for a, b, segs in ctx.chunks:
+            torch.index_select(qs, 0, rows[a:b], out=q_c[:b - a])
+            torch.index_select(do, 0, rows[a:b], out=do_c[:b - a])
+            for g, a_g, b_g in segs:
+                i, j = a_g - a, b_g - a
+                dv[g].addmm_(p[a_g:b_g].T, do_c[i:j])
+                torch.mm(do_c[i:j], vbT[g], out=ds_c[i:j])
+            ds_c[:b - a].sub_(delta_r[a:b]).mul_(p[a:b])                    # dS = P (dP - delta)
+            for g, a_g, b_g in segs:
+                i, j = a_g - a, b_g - a
+                dk[g].addmm_(ds_c[i:j].T, q_c[i:j])
+                torch.mm(ds_c[i:j], kb[g], out=dq_r[a_g:b_g])
+        dq = torch.addmm(torch.bmm(ds_own, kb).view(N, D), tok, dq_r).mul_(D ** -0.5)
+        return (*(x.view(ctx.shape).to(ctx.dtype) for x in (dq, dk, dv)), None, None, None)
 
 
 def attention_torch(q, k, v, block_idx, block_cnt, block_size):
-    """Token-level MoBA in plain torch (the CPU training path): every block attends to itself
-    causally in one fused call, the pair tiles of the earlier blocks in a second, then the merge.
-    Time and memory follow the selected pairs: gathered q/k/v tiles of about 3 x (budget - 1)
-    copies of q are kept for the backward. Differentiable in q, k, v."""
+    """Token-level MoBA in plain torch (the CPU training path): own blocks in one batched product
+    per step, the pairs with one `torch.mm` per key block, a softmax over each token's own block
+    and pairs together. Time and memory follow the selected pairs: the backward keeps each pair's
+    probabilities ([pairs, block_size]: (budget - 1) copies of q when block_size = head dim).
+    fp16/bf16 inputs are computed in fp32. Differentiable in q, k, v; every sum runs in a fixed
+    order, so reruns are bitwise equal."""
     return _TorchPairs.apply(q.contiguous(), k.contiguous(), v.contiguous(), block_idx,
                              block_cnt, block_size).view(q.shape)
 

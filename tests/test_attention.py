@@ -301,6 +301,20 @@ def test_two_runs_bitwise_equal(impl, name, seed):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_torch_path_reruns_bitwise_equal_on_two_threads():
+    """The torch path's sums (per key block products, the CSR merge, index order) stay in a fixed
+    order when intra-op threads split the work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v, do = _inputs(1, 2, 2048, 64, seed=21)
+        sel = A.select_blocks(q, k, 5, None, 64)
+        first, second = (_run("torch", q, k, v, do, sel, 64) for _ in range(2))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 # ------------------------------------------------------------------------------ decoding
 def test_decode_attention_equals_the_full_forward_rows():
     """Token by token through a cache of keys, values and block-mean keys, the same outputs as one
