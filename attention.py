@@ -376,8 +376,8 @@ def _sum_rows(parts, index, n):
 # token's max; 1 / sum multiplies the merged output (and, in the backward, dO), so there is no
 # per-pair log-sum-exp and no merge weight. The work walks the pairs in chunks of >= CPU_CHUNK
 # rows: a chunk's queries are gathered into a small scratch buffer and its elementwise steps run
-# while it is in cache. At T = 8192, budget 9, one thread that took forward + backward from 466
-# to 336 CPU ms against PyTorch's flash kernel on gathered 128-row tiles (docs/attention.md).
+# while it is in cache. At T = 8192, budget 9, one thread, forward + backward took 336 CPU ms,
+# against 466 for the previous path (PyTorch's CPU flash kernel on gathered 128-row tiles).
 class _PairRows(NamedTuple):
     rows: torch.Tensor     # long [P]: token row (z*T + t) of each pair, key-block-major
     segs: list             # (g, a, b): the pairs of key block g (flat z*NQ + j) are rows a:b
@@ -682,8 +682,8 @@ def block_sparse_attention(q, k, v, block_idx, block_cnt, block_size, impl="auto
         return attention_reference(q, k, v, block_idx, block_cnt, block_size)
     if impl == "torch":
         if q.is_cuda:
-            raise ValueError("impl='torch' is the CPU path (it runs PyTorch's CPU flash kernel on "
-                             "the gathered tiles); on CUDA use impl='triton' or 'auto'")
+            raise ValueError("impl='torch' is the CPU path (a loop of small products per key "
+                             "block); on CUDA use impl='triton' or 'auto'")
         return attention_torch(q, k, v, block_idx, block_cnt, block_size)
     if q.is_cuda and q.element_size() * block_size * D > 4 * 64 * 128:
         raise ValueError("fp32 Triton on CUDA fits shared memory only for block_size * head_dim "
