@@ -51,9 +51,9 @@ order, so gradients are bitwise reproducible.
 
 On CPU, `attention_torch` runs the same key-block-major pairs without tiles: one `torch.mm` per key
 block and product, a softmax over each token's own block and pairs together (see "torch path"
-below). `moba_naive` is the obviously correct twin of
-gate + attention (a loop over documents, a dense masked softmax in fp32), checked against MoBA's
-own reference; `attention_reference` (impl="reference") is a dense mask built from a layout.
+below). `moba_naive` is the obviously correct twin of gate + attention (a loop over documents, a
+dense masked softmax in fp32), checked against MoBA's own reference; `attention_reference`
+(impl="reference") is a dense mask built from a layout.
 
     python attention.py --bench        # speed table (CPU: torch path; CUDA: Triton, FlexAttention)
     python attention.py --check        # CUDA: Triton against the twin in bf16/fp16, reruns bitwise
