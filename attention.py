@@ -431,7 +431,8 @@ class _TorchPairs(torch.autograd.Function):
         lay = _pair_rows(block_idx.reshape(Z, T, -1), block_cnt.reshape(Z, T), NQ, work)
         rows, chunks, P = lay.rows, _chunks(lay.segs), len(lay.rows)
         s, s_max = qs.new_empty(P, bs), qs.new_empty(P)                     # scores, row max
-        q_c = qs.new_empty(max((b - a for a, b, _ in chunks), default=0), D)   # scratch
+        n = max((b - a for a, b, _ in chunks), default=0)                   # scratch rows
+        q_c = qs.new_empty(n, D)
         for a, b, segs in chunks:
             torch.index_select(qs, 0, rows[a:b], out=q_c[:b - a])           # the pairs' queries
             for g, a_g, b_g in segs:
@@ -451,7 +452,7 @@ class _TorchPairs(torch.autograd.Function):
         inv = 1 / torch.addmm(p_own.sum(-1).view(N, 1), lay.tok, l_r)[:, 0]
         o = torch.addmm(torch.bmm(p_own, vb).view(N, D), lay.tok, o_r).mul_(inv[:, None])
         ctx.save_for_backward(qs, kb, vb, p_own, p, inv, o, rows, lay.tok)
-        ctx.chunks, ctx.shape = chunks, (B, H, T, D)
+        ctx.chunks, ctx.scratch, ctx.shape = chunks, n, (B, H, T, D)
         return o.view(B, H, T, D).to(ctx.dtype)
 
     @staticmethod
@@ -469,7 +470,7 @@ class _TorchPairs(torch.autograd.Function):
         dv = torch.bmm(p_own.transpose(1, 2), dob)
         dk = torch.bmm(ds_own.transpose(1, 2), qb)
         delta_r = delta[rows, None]
-        dq_r, n = p.new_empty(P, D), max((b - a for a, b, _ in ctx.chunks), default=0)
+        dq_r, n = p.new_empty(P, D), ctx.scratch
         q_c, do_c, ds_c = p.new_empty(n, D), p.new_empty(n, D), p.new_empty(n, bs)   # scratch
         for a, b, segs in ctx.chunks:
             torch.index_select(qs, 0, rows[a:b], out=q_c[:b - a])
